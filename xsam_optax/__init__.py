@@ -1,0 +1,32 @@
+"""X-SAM for JAX: sharpness-aware minimisation with eigenvector correction.
+
+Composable pieces (:func:`sam_ascent`, :func:`eigenvector_correction`), the
+estimators they use (:func:`hvp`, :func:`power_iteration`, :func:`lanczos`)
+and two conveniences built only by chaining (:func:`sam`, :func:`xsam`).
+"""
+
+from xsam_optax._alias import sam
+from xsam_optax._alias import xsam
+from xsam_optax._correction import EigenvectorCorrectionState
+from xsam_optax._correction import eigenvector_correction
+from xsam_optax._estimators import EigenResult
+from xsam_optax._estimators import lanczos
+from xsam_optax._estimators import power_iteration
+from xsam_optax._hvp import hvp
+from xsam_optax._sam import SamAscentState
+from xsam_optax._sam import sam_ascent
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "EigenResult",
+    "EigenvectorCorrectionState",
+    "SamAscentState",
+    "eigenvector_correction",
+    "hvp",
+    "lanczos",
+    "power_iteration",
+    "sam",
+    "sam_ascent",
+    "xsam",
+)

@@ -1,0 +1,103 @@
+"""Whole optimizers built only by chaining the composable pieces."""
+
+from typing import Union
+
+import jax
+import optax
+
+from xsam_optax import _correction
+from xsam_optax import _sam
+
+
+def sam(
+    optimizer: optax.GradientTransformation,
+    *,
+    rho: Union[float, jax.Array] = 0.05,
+    adaptive: bool = False,
+    batch_axis_name: _sam.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """SAM: ``optax.chain(sam_ascent(rho, ...), optimizer)``.
+
+  Examples:
+    >>> import optax, xsam_optax
+    >>> tx = xsam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
+
+  Args:
+    optimizer: the base optimizer that receives the SAM gradient.
+    rho: neighbourhood radius.
+    adaptive: ASAM's scale-invariant neighbourhood.
+    batch_axis_name: mapped axis over which ``grad_fn`` is averaged.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` needing ``grad_fn``.
+  """
+  return optax.chain(
+      _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),
+      optimizer,
+  )
+
+
+def xsam(
+    optimizer: optax.GradientTransformation,
+    *,
+    rho: Union[float, jax.Array] = 0.05,
+    alpha: Union[float, jax.Array] = 0.2,
+    update_every: int = 5,
+    num_iters: int = 5,
+    method: str = "power",
+    sign_invariant: bool = False,
+    normalize: bool = True,
+    adaptive: bool = False,
+    seed: int = 0,
+    batch_axis_name: _sam.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """X-SAM: SAM ascent, eigenvector correction, then ``optimizer``.
+
+  Exactly ``optax.chain(sam_ascent(rho, ...), eigenvector_correction(alpha,
+  ...), optimizer)``; see those two for the maths and the options.
+  Diagnostics are read from the state by name:
+  ``optax.tree.get(state, "eigenvalue")``, ``"cos_angle"``, ``"eigenvector"``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import xsam_optax
+    >>> loss = lambda p: jnp.sum(jnp.array([10.0, 1.0]) * p["w"] ** 2)
+    >>> params = {"w": jnp.array([1.0, 1.0])}
+    >>> tx = xsam_optax.xsam(optax.sgd(0.01), rho=0.05, alpha=0.2)
+    >>> state = tx.init(params)
+    >>> grad_fn = jax.grad(loss)
+    >>> updates, state = tx.update(grad_fn(params), state, params,
+    ...                            grad_fn=grad_fn)
+    >>> params = optax.apply_updates(params, updates)
+
+  Args:
+    optimizer: the base optimizer (the paper: SGD with momentum 0.9).
+    rho: SAM radius.
+    alpha: correction strength in ``[0, 2]``.
+    update_every: eigenvector refresh period in steps.
+    num_iters: Hessian-vector products per refresh.
+    method: ``"power"`` or ``"lanczos"``.
+    sign_invariant: sign-invariant correction rule.
+    normalize: drop the gradient magnitude before the base optimizer.
+    adaptive: ASAM neighbourhood.
+    seed: seed of the initial eigenvector.
+    batch_axis_name: mapped axis over which gradients and Hessian-vector
+      products from ``grad_fn`` are averaged.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` needing ``grad_fn``.
+  """
+  return optax.chain(
+      _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),
+      _correction.eigenvector_correction(
+          alpha,
+          update_every=update_every,
+          num_iters=num_iters,
+          method=method,
+          sign_invariant=sign_invariant,
+          normalize=normalize,
+          seed=seed,
+          batch_axis_name=batch_axis_name,
+      ),
+      optimizer,
+  )

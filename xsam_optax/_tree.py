@@ -1,0 +1,91 @@
+"""Pytree arithmetic that the estimators and transforms share.
+
+Everything here works leaf by leaf: parameters are never ravelled into one
+vector, so sharded parameters stay sharded.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+def safe_normalize(tree: PyTree) -> tuple[PyTree, jax.Array]:
+  """Returns ``(tree / ||tree||, ||tree||)``, with zeros where the norm is 0.
+
+  A zero or non-finite norm gives a zero tree (never NaN); callers decide what
+  to do with it, e.g. keep a previous vector.
+  """
+  norm = optax.tree.norm(tree)
+  ok = jnp.isfinite(norm) & (norm > 0)
+  inv = jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0)
+  return jax.tree.map(lambda x: (x * inv).astype(x.dtype), tree), norm
+
+
+def add_scaled(x: PyTree, scale: jax.Array, y: PyTree) -> PyTree:
+  """``x + scale * y`` leafwise, keeping the dtypes of ``x``.
+
+  ``scale`` is usually a float32 scalar; without the cast it would silently
+  promote bfloat16 leaves to float32.
+  """
+  return jax.tree.map(lambda a, b: (a + scale * b).astype(a.dtype), x, y)
+
+
+def is_usable(norm: jax.Array) -> jax.Array:
+  """Whether a vector of this norm can be normalised: finite and positive."""
+  return jnp.isfinite(norm) & (norm > 0)
+
+
+def select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+  """Leafwise ``jnp.where`` on a scalar predicate (no control flow)."""
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def stack(trees: list[PyTree]) -> PyTree:
+  """Stacks same-structured trees along a new leading axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def stacked_dots(stacked: PyTree, tree: PyTree) -> jax.Array:
+  """``[<stacked[i], tree> for i]`` as one vector, without ravelling."""
+  per_leaf = jax.tree.map(
+      lambda s, x: jnp.tensordot(
+          s, x, axes=(tuple(range(1, s.ndim)), tuple(range(x.ndim)))
+      ).astype(jnp.result_type(s.dtype, x.dtype)),
+      stacked,
+      tree,
+  )
+  return sum(jax.tree.leaves(per_leaf))
+
+
+def stacked_combination(coeffs: jax.Array, stacked: PyTree) -> PyTree:
+  """``sum_i coeffs[..., i] * stacked[i]``: one tree, or a stack if 2-D."""
+  return jax.tree.map(
+      lambda s: jnp.tensordot(coeffs.astype(s.dtype), s, axes=1), stacked
+  )
+
+
+def random_unit_like(key: jax.Array, tree: PyTree) -> PyTree:
+  """A Gaussian direction with the structure and dtypes of ``tree``, unit norm."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  draws = [
+      jax.random.normal(k, jnp.shape(x), jnp.float32).astype(jnp.result_type(x))
+      for k, x in zip(keys, leaves)
+  ]
+  unit, _ = safe_normalize(jax.tree.unflatten(treedef, draws))
+  return unit
+
+
+def check_same_structure(expected: PyTree, got: PyTree, *, what: str) -> None:
+  """Raises a ``ValueError`` naming both structures when they differ."""
+  expected_def = jax.tree.structure(expected)
+  got_def = jax.tree.structure(got)
+  if expected_def != got_def:
+    raise ValueError(
+        f"{what} returned a pytree whose structure differs from params.\n"
+        f"  params: {expected_def}\n  {what}: {got_def}"
+    )
