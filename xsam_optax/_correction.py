@@ -59,7 +59,7 @@ def correct(updates: PyTree, eigenvector: PyTree, alpha, *,
   :math:`\|g\|`.
   """
   unit, norm = _tree.safe_normalize(updates)
-  cos = optax.tree.vdot(unit, eigenvector).astype(jnp.result_type(norm))
+  cos = _tree.vdot(unit, eigenvector).astype(jnp.result_type(norm))
   coefficient = alpha * (cos if sign_invariant else jnp.abs(cos))
   corrected = _tree.add_scaled(unit, -coefficient, eigenvector)
   if not normalize:

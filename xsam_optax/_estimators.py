@@ -111,7 +111,7 @@ def power_iteration(
   def step(carry):
     count, v, _, _, _ = carry
     w = matvec(v)
-    eigenvalue = optax.tree.vdot(v, w).astype(scalar)
+    eigenvalue = _tree.vdot(v, w).astype(scalar)
     residual = optax.tree.norm(_tree.add_scaled(w, -eigenvalue, v))
     next_v, w_norm = _tree.safe_normalize(w)
     ok = _tree.is_usable(w_norm) & jnp.isfinite(eigenvalue)
@@ -208,7 +208,7 @@ def lanczos(
     basis, alphas, betas, live, q_prev, q, beta_prev, alive = carry
     basis = jax.tree.map(lambda b, x: b.at[j].set(x), basis, q)
     w = matvec(q)
-    alpha = optax.tree.vdot(q, w).astype(scalar)
+    alpha = _tree.vdot(q, w).astype(scalar)
     w = _tree.add_scaled(w, -alpha, q)
     w = _tree.add_scaled(w, -beta_prev, q_prev)
     if reorthogonalize:

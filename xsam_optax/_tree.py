@@ -25,6 +25,22 @@ def safe_normalize(tree: PyTree) -> tuple[PyTree, jax.Array]:
   return jax.tree.map(lambda x: (x * inv).astype(x.dtype), tree), norm
 
 
+def vdot(x: PyTree, y: PyTree) -> jax.Array:
+  """``<x, y>`` over all leaves, accumulated in at least float32.
+
+  Not ``optax.tree.vdot``: optax 0.2.8 picks ``jnp.vdot`` when
+  ``jax.__version__ < '0.7.2'``, a string comparison that is true for jax
+  0.10, and ``jnp.vdot`` ravels each leaf, which all-gathers a sharded leaf.
+  A leafwise product and sum reduces shard by shard.
+  """
+  def leaf(a, b):
+    acc = jnp.result_type(jnp.float32, a, b)
+    return jnp.sum(a.astype(acc) * b.astype(acc))
+
+  return sum(jax.tree.leaves(jax.tree.map(leaf, x, y)),
+             jnp.zeros((), jnp.float32))
+
+
 def add_scaled(x: PyTree, scale: jax.Array, y: PyTree) -> PyTree:
   """``x + scale * y`` leafwise, keeping the dtypes of ``x``.
 
