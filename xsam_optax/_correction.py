@@ -175,7 +175,10 @@ def eigenvector_correction(
                                        batch_axis_name)
     result = estimate(matvec, state.eigenvector)
     _, norm = _tree.safe_normalize(result.eigenvector)
-    ok = jnp.isfinite(result.eigenvalue) & _tree.is_usable(norm)
+    # The estimators report a failed product as a finite eigenvalue with an
+    # infinite residual: keep the previous estimate then.
+    ok = (jnp.isfinite(result.eigenvalue) & jnp.isfinite(result.residual)
+          & _tree.is_usable(norm))
     return (
         _tree.select(ok, result.eigenvector, state.eigenvector),
         jnp.where(ok, result.eigenvalue, state.eigenvalue).astype(

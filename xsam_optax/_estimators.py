@@ -5,10 +5,12 @@ Both estimators take ``matvec: pytree -> pytree`` (for example
 and never ravel the pytree: a Lanczos basis is kept as a stack of pytrees.
 
 Loop construct: the iteration count is static and the loop is a
-``lax.fori_loop`` that is fully unrolled by default (``unroll=True``). On
-XLA:CPU, Hessian-vector products of a conv net inside a rolled loop ran several
-times slower than the same products unrolled (``benchmarks/estimators.py``
-measures it); pass ``unroll=False`` to keep compile time flat for long runs.
+``lax.fori_loop``, fully unrolled by default when it has at most
+``UNROLL_UP_TO`` iterations (the few products of an X-SAM refresh) and rolled
+beyond, where unrolling would make compile time grow with the count. On
+XLA:CPU, Hessian-vector products of a conv net inside a rolled loop ran
+several times slower than the same products unrolled (``benchmarks/
+estimators.py`` measures it); ``unroll=True`` or ``False`` overrides.
 """
 
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from xsam_optax import _tree
 from xsam_optax import _validation
 
 PyTree = Any
+UNROLL_UP_TO = 10
 
 
 class EigenResult(NamedTuple):
@@ -46,6 +49,13 @@ def scalar_dtype(tree: PyTree) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *jax.tree.leaves(tree))
 
 
+def _resolve_unroll(unroll: Optional[bool], num_iters: int) -> bool:
+  if unroll is None:
+    return num_iters <= UNROLL_UP_TO
+  _validation.check_bool("unroll", unroll)
+  return unroll
+
+
 def _unit_start(v0: PyTree) -> PyTree:
   """``v0 / ||v0||``; a constant direction if ``v0`` is zero or non-finite."""
   unit, norm = _tree.safe_normalize(v0)
@@ -59,7 +69,7 @@ def power_iteration(
     *,
     num_iters: int,
     tol: Optional[float] = None,
-    unroll: bool = True,
+    unroll: Optional[bool] = None,
 ) -> EigenResult:
   r"""Power iteration: the eigenpair of **largest magnitude**.
 
@@ -94,7 +104,8 @@ def power_iteration(
     tol: if set, stop early once the relative residual
       :math:`\|Av - \lambda v\| / |\lambda|` is at most ``tol``; the loop is
       then a ``lax.while_loop`` and ``num_matvecs`` says how many ran.
-    unroll: fully unroll the fixed-count loop (ignored when ``tol`` is set).
+    unroll: fully unroll the fixed-count loop; default: when ``num_iters <=
+      UNROLL_UP_TO`` (ignored when ``tol`` is set).
 
   Returns:
     An :class:`EigenResult`.
@@ -105,7 +116,7 @@ def power_iteration(
   _validation.check_int("num_iters", num_iters, minimum=1)
   if tol is not None:
     _validation.check_float("tol", tol, minimum=0.0)
-  _validation.check_bool("unroll", unroll)
+  unroll = _resolve_unroll(unroll, num_iters)
   scalar = scalar_dtype(v0)
 
   def step(carry):
@@ -149,7 +160,7 @@ def lanczos(
     num_iters: int,
     k: int = 1,
     reorthogonalize: bool = True,
-    unroll: bool = True,
+    unroll: Optional[bool] = None,
 ) -> EigenResult:
   r"""Lanczos: the ``k`` **algebraically largest** eigenpairs.
 
@@ -185,7 +196,8 @@ def lanczos(
     num_iters: Krylov dimension, i.e. number of products (static, ``>= k``).
     k: how many of the largest eigenpairs to return.
     reorthogonalize: full reorthogonalisation (recommended).
-    unroll: fully unroll the loop (see the module notes).
+    unroll: fully unroll the loop; default: when ``num_iters <=
+      UNROLL_UP_TO`` (see the module notes).
 
   Returns:
     An :class:`EigenResult`; for ``k > 1`` every field has a leading axis of
@@ -198,7 +210,7 @@ def lanczos(
   _validation.check_int("k", k, minimum=1, maximum=num_iters,
                         maximum_name="num_iters")
   _validation.check_bool("reorthogonalize", reorthogonalize)
-  _validation.check_bool("unroll", unroll)
+  unroll = _resolve_unroll(unroll, num_iters)
   m = num_iters
   scalar = scalar_dtype(v0)
   q0 = _unit_start(v0)
@@ -230,7 +242,10 @@ def lanczos(
             jnp.where(still_alive, beta, 0.0), still_alive)
 
   init = (
-      jax.tree.map(lambda x: jnp.zeros((m,) + jnp.shape(x), x.dtype), q0),
+      # Broadcast, not zeros: rows then carry the sharding of q0's leaves.
+      jax.tree.map(
+          lambda x: jnp.broadcast_to(jnp.zeros_like(x), (m,) + jnp.shape(x)),
+          q0),
       jnp.zeros((m,), scalar),
       jnp.zeros((m,), scalar),
       jnp.zeros((m,), bool),

@@ -22,7 +22,9 @@ def safe_normalize(tree: PyTree) -> tuple[PyTree, jax.Array]:
   norm = optax.tree.norm(tree)
   ok = jnp.isfinite(norm) & (norm > 0)
   inv = jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0)
-  return jax.tree.map(lambda x: (x * inv).astype(x.dtype), tree), norm
+  # where, not just `x * inv`: a NaN or inf entry times 0 would still be NaN.
+  return jax.tree.map(
+      lambda x: jnp.where(ok, x * inv, 0).astype(x.dtype), tree), norm
 
 
 def vdot(x: PyTree, y: PyTree) -> jax.Array:
