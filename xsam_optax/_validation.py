@@ -14,7 +14,12 @@ def check_int(name: str, value: Any, *, minimum: int,
               maximum_name: Optional[str] = None) -> None:
   """Requires a Python int in ``[minimum, maximum]``."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{name} must be an int, got {value!r}.")
+    hint = "" if not hasattr(value, "shape") else (
+        f" {name} is static, so it cannot be an array; with "
+        "optax.inject_hyperparams name it in static_args, e.g. "
+        "static_args=('update_every', 'num_iters', 'seed') for "
+        "eigenvector_correction and xsam.")
+    raise ValueError(f"{name} must be an int, got {value!r}.{hint}")
   bound = "" if maximum is None else (
       f" and <= {maximum_name} ({maximum})" if maximum_name else
       f" and <= {maximum}")
