@@ -1,21 +1,17 @@
 """X-SAM's correction: remove part of the gradient along the top eigenvector."""
 
-import functools
-from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_optax import _estimators
-from xsam_optax import _hvp
 from xsam_optax import _sam
+from xsam_optax import _tracking
 from xsam_optax import _tree
 from xsam_optax import _validation
 
 PyTree = Any
-METHODS = ("power", "lanczos")
 
 
 class EigenvectorCorrectionState(NamedTuple):
@@ -41,12 +37,6 @@ class EigenvectorCorrectionState(NamedTuple):
   eigenvalue: jax.Array
   residual: jax.Array
   cos_angle: jax.Array
-
-
-def _estimate(matvec, v0, *, method: str, num_iters: int):
-  if method == "power":
-    return _estimators.power_iteration(matvec, v0, num_iters=num_iters)
-  return _estimators.lanczos(matvec, v0, num_iters=num_iters)
 
 
 def correct(updates: PyTree, eigenvector: PyTree, alpha, *,
@@ -149,64 +139,21 @@ def eigenvector_correction(
     <https://arxiv.org/abs/2601.10251>`_, 2026.
   """
   _validation.check_float("alpha", alpha, minimum=0.0, maximum=2.0)
-  _validation.check_int("update_every", update_every, minimum=1)
-  _validation.check_int("num_iters", num_iters, minimum=1)
-  _validation.check_choice("method", method, METHODS)
   _validation.check_bool("sign_invariant", sign_invariant)
   _validation.check_bool("normalize", normalize)
+  schedule = _tracking.Schedule(update_every, num_iters, method,
+                                batch_axis_name).validate()
   _validation.check_int("seed", seed, minimum=0)
-  _validation.check_axis_name("batch_axis_name", batch_axis_name)
-  estimate = functools.partial(_estimate, method=method, num_iters=num_iters)
 
   def init_fn(params):
-    key, draw = jax.random.split(jax.random.PRNGKey(seed))
-    scalar = _estimators.scalar_dtype(params)
-    return EigenvectorCorrectionState(
-        count=jnp.zeros((), jnp.int32),
-        key=key,
-        eigenvector=_tree.random_unit_like(draw, params),
-        eigenvalue=jnp.zeros((), scalar),
-        residual=jnp.full((), jnp.inf, scalar),
-        cos_angle=jnp.zeros((), scalar),
-    )
-
-  def refreshed(state, params, grad_fn):
-    matvec = lambda v: _sam.batch_mean(_hvp.hvp(grad_fn, params, v),
-                                       batch_axis_name)
-    result = estimate(matvec, state.eigenvector)
-    _, norm = _tree.safe_normalize(result.eigenvector)
-    # The estimators report a failed product as a finite eigenvalue with an
-    # infinite residual: keep the previous estimate then.
-    ok = (jnp.isfinite(result.eigenvalue) & jnp.isfinite(result.residual)
-          & _tree.is_usable(norm))
-    return (
-        _tree.select(ok, result.eigenvector, state.eigenvector),
-        jnp.where(ok, result.eigenvalue, state.eigenvalue).astype(
-            state.eigenvalue.dtype),
-        jnp.where(ok, result.residual, jnp.inf).astype(state.residual.dtype),
-    )
-
-  def kept(state, params, grad_fn):
-    del params, grad_fn
-    return state.eigenvector, state.eigenvalue, state.residual
+    return EigenvectorCorrectionState(**_tracking.initial_fields(params, seed))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, refresh=None,
                 **extra_args):
     del extra_args
-    _sam.require_grad_fn(grad_fn, params, owner="eigenvector_correction")
-    _tree.check_same_structure(
-        params, jax.eval_shape(grad_fn, params), what="grad_fn")
-    if refresh is None:
-      refresh = state.count % update_every == 0
-    if isinstance(refresh, bool):
-      branch = refreshed if refresh else kept
-      eigenvector, eigenvalue, residual = branch(state, params, grad_fn)
-    else:
-      eigenvector, eigenvalue, residual = jax.lax.cond(
-          refresh,
-          lambda s: refreshed(s, params, grad_fn),
-          lambda s: kept(s, params, grad_fn),
-          state)
+    eigenvector, eigenvalue, residual = _tracking.track(
+        state, params, grad_fn, schedule, refresh,
+        owner="eigenvector_correction")
     corrected, cos = correct(updates, eigenvector, alpha,
                              sign_invariant=sign_invariant,
                              normalize=normalize)
