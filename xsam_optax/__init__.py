@@ -5,6 +5,7 @@ estimators they use (:func:`hvp`, :func:`power_iteration`, :func:`lanczos`)
 and two conveniences built only by chaining (:func:`sam`, :func:`xsam`).
 """
 
+from xsam_optax._accumulate import accumulated_grad_fn
 from xsam_optax._alias import sam
 from xsam_optax._alias import xsam
 from xsam_optax._correction import EigenvectorCorrectionState
@@ -22,6 +23,7 @@ __all__ = (
     "EigenResult",
     "EigenvectorCorrectionState",
     "SamAscentState",
+    "accumulated_grad_fn",
     "eigenvector_correction",
     "hvp",
     "lanczos",

@@ -1,0 +1,402 @@
+"""optax conformance of the public transforms, the way users run them.
+
+sam_ascent, eigenvector_correction, sam and xsam: extra keyword arguments,
+no recompilation, bfloat16, stable state types (also under ``lax.cond``),
+``optax.inject_hyperparams``, ``optax.apply_if_finite``, ``lax.scan`` loops,
+and micro-batch accumulation with :func:`xsam_optax.accumulated_grad_fn`.
+Oracles: the update formulas restated in NumPy, and the full-batch gradient.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import xsam_optax
+
+
+def make_problem(dtype=jnp.float32, n=32, din=4, hidden=6):
+  """A tanh MLP regression: (params, loss_fn(params, batch), batch).
+
+  Data come from NumPy: eager JAX ops would each compile a tiny program.
+  """
+  rng = np.random.default_rng(0)
+  cast = lambda a: jnp.asarray(np.asarray(a, np.float32).astype(dtype))
+  params = {"hidden": {"w": cast(rng.normal(size=(din, hidden))),
+                       "b": cast(0.1 * rng.normal(size=hidden))},
+            "out": cast(0.5 * rng.normal(size=hidden))}
+  x = rng.normal(size=(n, din))
+  y = cast(np.sin(x @ np.arange(1, din + 1)))
+  x = cast(x)
+
+  def loss_fn(p, batch):
+    xb, yb = batch
+    h = jnp.tanh(xb @ p["hidden"]["w"] + p["hidden"]["b"])
+    return jnp.mean((h @ p["out"] - yb) ** 2)
+
+  return params, loss_fn, (x, y)
+
+
+PARAMS, LOSS_FN, BATCH = make_problem()
+GRAD_FN = jax.jit(jax.grad(lambda p: LOSS_FN(p, BATCH)))
+
+TRANSFORMS = {
+    "sam_ascent": lambda **kw: xsam_optax.sam_ascent(0.1, **kw),
+    "eigenvector_correction": lambda **kw: xsam_optax.eigenvector_correction(
+        0.5, update_every=2, num_iters=2, **kw),
+    "sam": lambda **kw: xsam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.1),
+    "xsam": lambda **kw: xsam_optax.xsam(
+        optax.sgd(0.1, momentum=0.9), rho=0.1, alpha=0.5, update_every=2,
+        num_iters=2, **kw),
+}
+
+
+def flat(tree):
+  """The leaves, ravelled and concatenated in NumPy (float64)."""
+  return np.concatenate([np.ravel(np.asarray(x, np.float64))
+                         for x in jax.tree.leaves(tree)])
+
+
+def oracle_correct(g, v, alpha):
+  """X-SAM's reference rule restated on flat NumPy vectors."""
+  g, v = flat(g), flat(v)
+  g_hat = g / np.linalg.norm(g)
+  return g_hat - alpha * abs(g_hat @ v) * v
+
+
+def oracle_ascent(params, g, rho, grad_fn=GRAD_FN):
+  """grad L(theta + rho g / ||g||), written out without the library."""
+  norm = np.linalg.norm(flat(g))
+  return grad_fn(jax.tree.map(
+      lambda p, d: np.asarray(p) + np.float32(rho / norm) * np.asarray(d),
+      params, g))
+
+
+def to_bf16(tree):
+  return jax.tree.map(
+      lambda x: jnp.asarray(np.asarray(x).astype(jnp.bfloat16)), tree)
+
+
+def types(tree):
+  """Structure plus (shape, dtype, weak_type) of every leaf."""
+  return (jax.tree.structure(tree),
+          [(x.shape, x.dtype, getattr(x, "weak_type", False))
+           for x in jax.tree.leaves(tree)])
+
+
+def assert_trees_close(a, b, **tol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x, np.float64),
+                               np.asarray(y, np.float64), **tol)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@functools.lru_cache(maxsize=None)
+def train_step(name):
+  """(tx, jitted step, trace counter) for one transform; compiled once."""
+  tx = TRANSFORMS[name]()
+  traces = []
+
+  @jax.jit
+  def step(params, state, batch):
+    traces.append(None)
+    grad_fn = jax.grad(lambda p: LOSS_FN(p, batch))
+    updates, state = tx.update(grad_fn(params), state, params,
+                               grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state, updates
+
+  return tx, step, traces
+
+
+def batches(num):
+  """num different mini-batches (perturbed targets), stacked."""
+  x, y = map(np.asarray, BATCH)
+  noise = 0.1 * np.random.default_rng(7).normal(size=(num,) + y.shape)
+  return (jnp.asarray(np.broadcast_to(x, (num,) + x.shape)),
+          jnp.asarray((y + noise).astype(np.float32)))
+
+
+# ------------------------------------------------------------- extra kwargs
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_extra_keyword_arguments_are_ignored(name):
+  tx = TRANSFORMS[name]()
+  state = tx.init(PARAMS)
+  g = GRAD_FN(PARAMS)
+  stats = {"mean": jnp.ones(3)}
+  plain = lambda s: tx.update(g, s, PARAMS, grad_fn=GRAD_FN)
+  extra = lambda s: tx.update(g, s, PARAMS, grad_fn=GRAD_FN, key=1,
+                              batch_stats=stats, value=None)
+  # The same computation, op for op: the extras reach nothing.
+  want = jax.make_jaxpr(plain)(state)
+  got = jax.make_jaxpr(extra)(state)
+  assert str(got) == str(want)
+  assert len(want.eqns) > 3  # a real computation was compared
+
+
+# --------------------------------------------------------- no recompilation
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_no_recompilation_after_the_first_step(name):
+  tx, step, traces = train_step(name)
+  params, state = PARAMS, tx.init(PARAMS)
+  xs, ys = batches(4)
+  for i in range(4):  # crosses refreshes (every 2 steps) and kept steps
+    params, state, _ = step(params, state, (xs[i], ys[i]))
+  assert step._cache_size() == 1
+  assert len(traces) == 1
+
+
+# ------------------------------------------------------------ state types
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_state_types_are_stable_across_steps(name):
+  tx, step, _ = train_step(name)
+  params, state = PARAMS, tx.init(PARAMS)
+  want = types(state)
+  xs, ys = batches(3)
+  for i in range(3):
+    params, state, updates = step(params, state, (xs[i], ys[i]))
+    assert types(state) == want
+    assert types(updates) == types(PARAMS)
+    assert types(params) == types(PARAMS)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_update_inside_lax_cond(name):
+  # lax.cond needs both branches to return identical types: the updated
+  # state must type like the initial one (no dtype drift, no weak types).
+  tx = TRANSFORMS[name]()
+  state = tx.init(PARAMS)
+
+  def maybe_step(pred, state):
+    g = GRAD_FN(PARAMS)
+    return jax.lax.cond(
+        pred,
+        lambda s: tx.update(g, s, PARAMS, grad_fn=GRAD_FN)[1],
+        lambda s: s,
+        state)
+
+  out = jax.eval_shape(maybe_step, True, state)
+  assert types(out) == types(state)
+
+
+def test_update_inside_lax_cond_runs_the_right_branch():
+  tx, step, _ = train_step("xsam")
+  state = tx.init(PARAMS)
+  maybe = jax.jit(lambda pred, s: jax.lax.cond(
+      pred,
+      lambda s: tx.update(GRAD_FN(PARAMS), s, PARAMS, grad_fn=GRAD_FN)[1],
+      lambda s: s, s))
+  assert_trees_equal(maybe(False, state), state)
+  assert_trees_close(maybe(True, state), step(PARAMS, state, BATCH)[1],
+                     rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- bfloat16
+
+
+def test_bf16_params_keep_bf16_everywhere():
+  # Design: the eigenvector is stored in the parameters' dtype (it is a
+  # direction in parameter space, as large as the parameters); scalars
+  # (eigenvalue, residual, cos_angle) are float32.
+  params16 = to_bf16(PARAMS)
+  batch16 = to_bf16(BATCH)
+  grad16 = jax.grad(lambda p: LOSS_FN(p, batch16))
+  for name, make in TRANSFORMS.items():
+    tx = make()
+    state = tx.init(params16)
+    out = jax.eval_shape(
+        lambda s: tx.update(grad16(params16), s, params16, grad_fn=grad16),
+        state)
+    assert types(out[0]) == types(params16), name
+    assert types(out[1]) == types(state), name
+  correction = xsam_optax.eigenvector_correction().init(params16)
+  assert {x.dtype for x in jax.tree.leaves(correction.eigenvector)} == {
+      jnp.dtype(jnp.bfloat16)}
+  assert correction.eigenvalue.dtype == jnp.float32
+
+
+def test_bf16_xsam_steps_track_float32():
+  params16 = to_bf16(PARAMS)
+  batch16 = to_bf16(BATCH)
+  tx, step, _ = train_step("xsam")
+  p16, s16, u16 = step(params16, tx.init(params16), batch16)
+  p32, s32, u32 = step(PARAMS, tx.init(PARAMS), BATCH)
+  for tree in (p16, u16, s16[1].eigenvector, s16[2]):
+    assert {x.dtype for x in jax.tree.leaves(tree)} == {
+        jnp.dtype(jnp.bfloat16)}
+  np.testing.assert_allclose(np.linalg.norm(flat(s16[1].eigenvector)), 1.0,
+                             atol=2e-2)
+  # Same direction as in float32, to bfloat16 accuracy.
+  np.testing.assert_allclose(flat(u16), flat(u32), atol=3e-2)
+  np.testing.assert_allclose(abs(flat(s16[1].eigenvector)
+                                 @ flat(s32[1].eigenvector)), 1.0, atol=2e-2)
+
+
+# ---------------------------------------------------- inject_hyperparams
+
+
+def test_inject_hyperparams_rho_in_sam_ascent():
+  tx = optax.inject_hyperparams(xsam_optax.sam_ascent)(rho=0.05)
+  state = tx.init(PARAMS)
+  assert float(state.hyperparams["rho"]) == pytest.approx(0.05)
+  step = jax.jit(lambda s: tx.update(GRAD_FN(PARAMS), s, PARAMS,
+                                     grad_fn=GRAD_FN)[0])
+  g = GRAD_FN(PARAMS)
+  for rho in (0.05, 0.4):
+    state.hyperparams["rho"] = jnp.float32(rho)
+    assert_trees_close(step(state), oracle_ascent(PARAMS, g, rho), rtol=1e-5,
+                       atol=1e-7)
+  assert step._cache_size() == 1  # a new rho is data, not a recompile
+
+
+def test_inject_hyperparams_alpha_in_eigenvector_correction():
+  tx = optax.inject_hyperparams(
+      xsam_optax.eigenvector_correction,
+      static_args=("update_every", "num_iters", "seed"))(alpha=0.1,
+                                                         num_iters=2)
+  state = tx.init(PARAMS)
+  g = GRAD_FN(PARAMS)
+  step = jax.jit(lambda s: tx.update(g, s, PARAMS, grad_fn=GRAD_FN))
+  for alpha in (0.1, 1.7):
+    state.hyperparams["alpha"] = jnp.float32(alpha)
+    updates, new_state = step(state)
+    v = new_state.inner_state.eigenvector
+    np.testing.assert_allclose(flat(updates), oracle_correct(g, v, alpha),
+                               rtol=1e-5, atol=1e-6)
+  assert step._cache_size() == 1
+
+
+def test_inject_hyperparams_rho_and_alpha_in_xsam():
+  lr = 0.1
+  tx = optax.inject_hyperparams(
+      xsam_optax.xsam, static_args=("update_every", "num_iters", "seed"))(
+          optax.sgd(lr), rho=0.05, alpha=0.2, num_iters=2)
+  state = tx.init(PARAMS)
+  g = GRAD_FN(PARAMS)
+  step = jax.jit(lambda s: tx.update(g, s, PARAMS, grad_fn=GRAD_FN))
+  for rho, alpha in ((0.05, 0.2), (0.3, 1.5)):
+    state.hyperparams["rho"] = jnp.float32(rho)
+    state.hyperparams["alpha"] = jnp.float32(alpha)
+    updates, new_state = step(state)
+    v = new_state.inner_state[1].eigenvector
+    want = -lr * oracle_correct(oracle_ascent(PARAMS, g, rho), v, alpha)
+    np.testing.assert_allclose(flat(updates), want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------- apply_if_finite
+
+
+def test_apply_if_finite_is_transparent_on_finite_steps():
+  name = "xsam"
+  inner = TRANSFORMS[name]()
+  tx = optax.apply_if_finite(inner, max_consecutive_errors=2)
+  _, plain_step, _ = train_step(name)
+
+  @jax.jit
+  def step(params, state, batch):
+    grad_fn = jax.grad(lambda p: LOSS_FN(p, batch))
+    updates, state = tx.update(grad_fn(params), state, params,
+                               grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  params, state = PARAMS, tx.init(PARAMS)
+  ref_params, ref_state = PARAMS, inner.init(PARAMS)
+  xs, ys = batches(3)
+  for i in range(3):
+    params, state = step(params, state, (xs[i], ys[i]))
+    ref_params, ref_state, _ = plain_step(ref_params, ref_state,
+                                          (xs[i], ys[i]))
+  assert int(state.total_notfinite) == 0
+  assert_trees_close(params, ref_params, rtol=1e-6, atol=1e-7)
+  assert_trees_close(state.inner_state, ref_state, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------ lax.scan loops
+
+
+def test_lax_scan_training_loop_equals_python_loop():
+  tx, step, _ = train_step("xsam")
+  xs, ys = batches(5)
+
+  @jax.jit
+  def scanned(params, state):
+    def body(carry, batch):
+      params, state = carry
+      params, state, _ = step(params, state, batch)
+      return (params, state), optax.tree.get(state, "eigenvalue")
+    return jax.lax.scan(body, (params, state), (xs, ys))
+
+  (params, state), eigenvalues = scanned(PARAMS, tx.init(PARAMS))
+  ref_params, ref_state = PARAMS, tx.init(PARAMS)
+  ref_eigenvalues = []
+  for i in range(5):
+    ref_params, ref_state, _ = step(ref_params, ref_state, (xs[i], ys[i]))
+    ref_eigenvalues.append(optax.tree.get(ref_state, "eigenvalue"))
+  assert_trees_close(params, ref_params, rtol=1e-5, atol=1e-6)
+  assert_trees_close(state, ref_state, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(eigenvalues, ref_eigenvalues, rtol=1e-5)
+  assert int(optax.tree.get(state, "count")) == 5
+
+
+# ---------------------------------------------- micro-batch accumulation
+
+
+def test_accumulated_grad_fn_equals_full_batch_gradient():
+  full = GRAD_FN(PARAMS)
+  for m in (1, 8):
+    got = xsam_optax.accumulated_grad_fn(LOSS_FN, BATCH, m)(PARAMS)
+    assert types(got) == types(full)
+    assert_trees_close(got, full, rtol=1e-5, atol=1e-7)
+
+
+def test_xsam_with_accumulated_grad_fn_equals_full_batch_update():
+  tx, full_step, _ = train_step("xsam")
+  micro_grad_fn = xsam_optax.accumulated_grad_fn(LOSS_FN, BATCH, 8)
+
+  @jax.jit
+  def micro_step(params, state):
+    updates, state = tx.update(micro_grad_fn(params), state, params,
+                               grad_fn=micro_grad_fn)
+    return optax.apply_updates(params, updates), state, updates
+
+  state = tx.init(PARAMS)
+  p_full, s_full, u_full = full_step(PARAMS, state, BATCH)
+  p_micro, s_micro, u_micro = micro_step(PARAMS, state)
+  # A refresh ran, so Hessian-vector products went through the scan too.
+  assert float(optax.tree.get(s_full, "eigenvalue")) > 0
+  assert_trees_close(u_micro, u_full, rtol=2e-5, atol=1e-6)
+  assert_trees_close(s_micro, s_full, rtol=2e-5, atol=1e-6)
+  assert_trees_close(p_micro, p_full, rtol=2e-5, atol=1e-6)
+
+
+def test_accumulated_grad_fn_uses_a_fraction_of_the_memory():
+  # XLA's own accounting of the compiled gradient and HVP: scratch memory
+  # shrinks with the micro-batch, since one micro-batch is alive at a time.
+  x = np.random.default_rng(0).normal(size=(512, 8)).astype(np.float32)
+  batch = (jnp.asarray(x), jnp.asarray(np.sin(x[:, 0])))
+  params = {"w": jnp.full((8, 256), 0.01), "v": jnp.full((256,), 0.01)}
+  loss_fn = lambda p, b: jnp.mean((jnp.tanh(b[0] @ p["w"]) @ p["v"]
+                                   - b[1]) ** 2)
+
+  def scratch(grad_fn):
+    hvp = lambda p: xsam_optax.hvp(grad_fn, p, p)
+    return jax.jit(hvp).lower(params).compile().memory_analysis(
+        ).temp_size_in_bytes
+
+  full = scratch(jax.grad(lambda p: loss_fn(p, batch)))
+  micro = scratch(xsam_optax.accumulated_grad_fn(loss_fn, batch, 8))
+  assert micro < full / 4, (micro, full)

@@ -1,0 +1,96 @@
+"""Large batches: a ``grad_fn`` that accumulates over micro-batches."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from xsam_optax import _validation
+
+PyTree = Any
+
+
+def accumulated_grad_fn(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    batch: PyTree,
+    num_microbatches: int,
+) -> Callable[[PyTree], PyTree]:
+  r"""A ``grad_fn`` for a large batch, evaluated one micro-batch at a time.
+
+  Splits every leaf of ``batch`` along its leading axis into
+  ``num_microbatches`` equal micro-batches :math:`B_1, \dots, B_m` and returns
+
+  .. math::
+    \mathrm{grad\_fn}(\theta) = \frac{1}{m} \sum_{i=1}^m
+    \nabla_\theta\, \mathrm{loss\_fn}(\theta, B_i),
+
+  summed in a ``lax.scan``, so only one micro-batch's activations are alive
+  at a time. When ``loss_fn`` is a mean over the examples of its batch (and
+  uses no batch statistics, e.g. BatchNorm), this is the full-batch gradient,
+  up to rounding. Every X-SAM transform only ever evaluates ``grad_fn``: the
+  gradient at the SAM point, and each Hessian-vector product (a ``jax.jvp``
+  through the scan), so all of them are accumulated the same way and the
+  update equals the full-batch one. Sums are kept in at least float32 and
+  cast back to the parameters' dtypes.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import xsam_optax
+    >>> x = jnp.linspace(-1.0, 1.0, 8).reshape(8, 1)
+    >>> batch = (x, 2.0 * x[:, 0])
+    >>> loss_fn = lambda p, b: jnp.mean((b[0] @ p["w"] - b[1]) ** 2)
+    >>> params = {"w": jnp.zeros(1)}
+    >>> grad_fn = xsam_optax.accumulated_grad_fn(loss_fn, batch, 4)
+    >>> full = jax.grad(loss_fn)(params, batch)
+    >>> bool(jnp.allclose(grad_fn(params)["w"], full["w"]))
+    True
+    >>> tx = xsam_optax.xsam(optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grad_fn(params), state, params,
+    ...                            grad_fn=grad_fn)
+
+  Args:
+    loss_fn: ``loss_fn(params, microbatch) -> scalar``, the mean loss over
+      the micro-batch.
+    batch: a pytree of arrays sharing a leading (example) axis whose size is
+      a multiple of ``num_microbatches``.
+    num_microbatches: how many equal pieces to split ``batch`` into
+      (``>= 1``).
+
+  Returns:
+    ``grad_fn(params) -> grads``, to pass as ``grad_fn=`` to ``update`` and to
+    call for the incoming gradient.
+  """
+  _validation.check_int("num_microbatches", num_microbatches, minimum=1)
+  sizes = sorted({jnp.shape(x)[0] if jnp.ndim(x) else -1
+                  for x in jax.tree.leaves(batch)})
+  if len(sizes) != 1 or sizes[0] < 0:
+    raise ValueError(
+        "batch must be a pytree of arrays sharing a leading (example) axis, "
+        f"got leading sizes {sizes} (-1: a scalar leaf).")
+  size = sizes[0]
+  if size % num_microbatches:
+    raise ValueError(
+        f"num_microbatches must divide the batch size {size}, got "
+        f"{num_microbatches}.")
+  micro = jax.tree.map(
+      lambda x: jnp.reshape(
+          x, (num_microbatches, size // num_microbatches) + jnp.shape(x)[1:]),
+      batch)
+  grad = jax.grad(loss_fn)
+
+  def grad_fn(params):
+    def accumulate(total, microbatch):
+      g = grad(params, microbatch)
+      return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, g), None
+
+    zeros = jax.tree.map(
+        lambda p: jnp.zeros_like(p, dtype=jnp.result_type(jnp.float32, p)),
+        params)
+    total, _ = jax.lax.scan(accumulate, zeros, micro)
+    return jax.tree.map(
+        lambda t, p: (t / num_microbatches).astype(jnp.result_type(p)),
+        total, params)
+
+  return grad_fn
