@@ -214,3 +214,24 @@ def test_grad_fn_with_other_structure_names_both(name, wrong):
   assert "grad_fn" in message, message
   assert str(jax.tree.structure(PARAMS)) in message, message
   assert str(jax.tree.structure(bad_grad_fn(PARAMS))) in message, message
+
+
+# ------------------------------------------------------- accumulated_grad_fn
+
+
+@pytest.mark.parametrize("batch, num, message", [
+    ((np.zeros((32, 4)), np.zeros(32)), 0,
+     "num_microbatches must be >= 1, got 0."),
+    ((np.zeros((32, 4)), np.zeros(32)), 2.0,
+     "num_microbatches must be an int, got 2.0."),
+    ((np.zeros((32, 4)), np.zeros(32)), 5,
+     "num_microbatches must divide the batch size 32, got 5."),
+    ((np.zeros((32, 4)), np.zeros(30)), 2,
+     "leading sizes [30, 32]"),
+    ({"x": np.zeros((32, 4)), "scale": np.float32(2.0)}, 2,
+     "leading sizes [-1, 32]"),
+])
+def test_accumulated_grad_fn_bad_batch_or_count(batch, num, message):
+  with pytest.raises(ValueError) as info:
+    xsam_optax.accumulated_grad_fn(lambda p, b: 0.0, batch, num)
+  assert message in str(info.value), str(info.value)
