@@ -103,6 +103,13 @@ def eigenvector_correction(
   pass ``refresh=True`` or ``refresh=False`` (Python bools) to ``update`` to
   choose on the host instead and compile the two kinds of step separately.
 
+  **Cheaper refreshes.** ``update`` accepts an optional ``hvp_grad_fn``: the
+  Hessian-vector products of a refresh then differentiate it instead of
+  ``grad_fn``, e.g. the gradient of the loss on a quarter of the mini-batch
+  (about half the cost per product; ``benchmarks/step_overhead.py`` reports
+  the price in eigenvector quality). The SAM ascent and the correction still
+  use ``grad_fn`` and the incoming gradient.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import xsam_optax
@@ -130,8 +137,8 @@ def eigenvector_correction(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` needs
-    ``params`` and the keyword argument ``grad_fn``, and accepts an optional
-    ``refresh``.
+    ``params`` and the keyword argument ``grad_fn``, and accepts optional
+    ``refresh`` and ``hvp_grad_fn``.
 
   References:
     Duan, Chen and Guan, `X-SAM: Boosting Sharpness-Aware Minimization with
@@ -149,11 +156,11 @@ def eigenvector_correction(
     return EigenvectorCorrectionState(**_tracking.initial_fields(params, seed))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, refresh=None,
-                **extra_args):
+                hvp_grad_fn=None, **extra_args):
     del extra_args
     eigenvector, eigenvalue, residual = _tracking.track(
         state, params, grad_fn, schedule, refresh,
-        owner="eigenvector_correction")
+        owner="eigenvector_correction", hvp_grad_fn=hvp_grad_fn)
     corrected, cos = correct(updates, eigenvector, alpha,
                              sign_invariant=sign_invariant,
                              normalize=normalize)

@@ -6,7 +6,7 @@ cos_angle`` in their state and refresh the eigenvector on a schedule.
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -85,24 +85,36 @@ def track(
     refresh: Union[None, bool, jax.Array],
     *,
     owner: str,
+    hvp_grad_fn: Optional[Callable[[PyTree], PyTree]] = None,
 ) -> tuple[PyTree, jax.Array, jax.Array]:
   """The eigenvector, eigenvalue and residual to use at this step.
 
   ``refresh=None`` follows the schedule (``count % update_every == 0``,
   under ``lax.cond``); a Python bool is the host's choice (no ``cond``); an
-  array is a traced choice (``lax.cond``).
+  array is a traced choice (``lax.cond``). Hessian-vector products
+  differentiate ``hvp_grad_fn`` when given (e.g. the gradient on a sub-batch),
+  else ``grad_fn``.
   """
   _sam.require_grad_fn(grad_fn, params, owner=owner)
   _tree.check_same_structure(
       params, jax.eval_shape(grad_fn, params), what="grad_fn")
+  if hvp_grad_fn is None:
+    hvp_grad_fn = grad_fn
+  else:
+    if not callable(hvp_grad_fn):
+      raise ValueError(
+          f"{owner}: hvp_grad_fn must be callable (params -> gradient "
+          f"pytree) or None, got {hvp_grad_fn!r}.")
+    _tree.check_same_structure(
+        params, jax.eval_shape(hvp_grad_fn, params), what="hvp_grad_fn")
   if refresh is None:
     refresh = state.count % schedule.update_every == 0
   if isinstance(refresh, bool):
     if refresh:
-      return _refreshed(state, params, grad_fn, schedule)
+      return _refreshed(state, params, hvp_grad_fn, schedule)
     return _kept(state)
   return jax.lax.cond(
       refresh,
-      lambda s: _refreshed(s, params, grad_fn, schedule),
+      lambda s: _refreshed(s, params, hvp_grad_fn, schedule),
       _kept,
       state)
