@@ -2,7 +2,9 @@
 
 Composable pieces (:func:`sam_ascent`, :func:`eigenvector_correction`), the
 estimators they use (:func:`hvp`, :func:`power_iteration`, :func:`lanczos`)
-and two conveniences built only by chaining (:func:`sam`, :func:`xsam`).
+Eigen-SAM's ascent (:func:`eigen_sam_ascent`), a micro-batch gradient
+(:func:`accumulated_grad_fn`) and two conveniences built only by chaining
+(:func:`sam`, :func:`xsam`).
 """
 
 from xsam_optax._accumulate import accumulated_grad_fn
@@ -10,6 +12,8 @@ from xsam_optax._alias import sam
 from xsam_optax._alias import xsam
 from xsam_optax._correction import EigenvectorCorrectionState
 from xsam_optax._correction import eigenvector_correction
+from xsam_optax._eigen_sam import EigenSamState
+from xsam_optax._eigen_sam import eigen_sam_ascent
 from xsam_optax._estimators import EigenResult
 from xsam_optax._estimators import lanczos
 from xsam_optax._estimators import power_iteration
@@ -21,9 +25,11 @@ __version__ = "0.1.0"
 
 __all__ = (
     "EigenResult",
+    "EigenSamState",
     "EigenvectorCorrectionState",
     "SamAscentState",
     "accumulated_grad_fn",
+    "eigen_sam_ascent",
     "eigenvector_correction",
     "hvp",
     "lanczos",
