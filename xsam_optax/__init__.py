@@ -1,7 +1,7 @@
 """X-SAM for JAX: sharpness-aware minimisation with eigenvector correction.
 
 Composable pieces (:func:`sam_ascent`, :func:`eigenvector_correction`), the
-estimators they use (:func:`hvp`, :func:`power_iteration`, :func:`lanczos`)
+estimators they use (:func:`hvp`, :func:`power_iteration`, :func:`lanczos`),
 Eigen-SAM's ascent (:func:`eigen_sam_ascent`), a micro-batch gradient
 (:func:`accumulated_grad_fn`) and two conveniences built only by chaining
 (:func:`sam`, :func:`xsam`).
