@@ -69,10 +69,11 @@ def stack(trees: list[PyTree]) -> PyTree:
 
 def stacked_dots(stacked: PyTree, tree: PyTree) -> jax.Array:
   """``[<stacked[i], tree> for i]`` as one vector, without ravelling."""
+  # A product and sum, not a tensordot: contracting sharded axes in a
+  # tensordot is a type error under explicit sharding.
   per_leaf = jax.tree.map(
-      lambda s, x: jnp.tensordot(
-          s, x, axes=(tuple(range(1, s.ndim)), tuple(range(x.ndim)))
-      ).astype(jnp.result_type(s.dtype, x.dtype)),
+      lambda s, x: jnp.sum(s * x, axis=tuple(range(1, s.ndim))).astype(
+          jnp.result_type(s.dtype, x.dtype)),
       stacked,
       tree,
   )
@@ -86,12 +87,30 @@ def stacked_combination(coeffs: jax.Array, stacked: PyTree) -> PyTree:
   )
 
 
+def explicit_sharding(x: jax.Array):
+  """``x``'s sharding where it is part of its type (explicit mesh axes).
+
+  ``None`` otherwise (unsharded, or a mesh with ``AxisType.Auto`` axes, whose
+  shardings jit propagates by itself).
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", ())
+  return sharding if any(s is not None for s in spec) else None
+
+
 def random_unit_like(key: jax.Array, tree: PyTree) -> PyTree:
-  """A Gaussian direction with the structure and dtypes of ``tree``, unit norm."""
+  """A Gaussian direction with the structure and dtypes of ``tree``, unit norm.
+
+  Leaves sharded over explicit mesh axes are drawn with that sharding, so the
+  draw never materialises on one device and later ``jnp.where`` against
+  arrays sharded like ``tree`` type-checks.
+  """
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, max(len(leaves), 1))
   draws = [
-      jax.random.normal(k, jnp.shape(x), jnp.float32).astype(jnp.result_type(x))
+      jax.random.normal(k, jnp.shape(x), jnp.float32,
+                        out_sharding=explicit_sharding(x)
+                        ).astype(jnp.result_type(x))
       for k, x in zip(keys, leaves)
   ]
   unit, _ = safe_normalize(jax.tree.unflatten(treedef, draws))
