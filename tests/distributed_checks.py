@@ -192,7 +192,7 @@ def param_sized_gathers(hlo_text, params, specs):
                                             spec_leaves, strict=True)
                   if any(axis is not None for axis in spec))
   return [sizes for sizes in all_gather_sizes(hlo_text)
-          if max(sizes) >= threshold]
+          if max(sizes, default=0) >= threshold]
 
 
 def same_shardings(tree, like):
