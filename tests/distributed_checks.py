@@ -191,8 +191,9 @@ def param_sized_gathers(hlo_text, params, specs):
   threshold = min(x.size for x, spec in zip(jax.tree.leaves(params),
                                             spec_leaves, strict=True)
                   if any(axis is not None for axis in spec))
+  # A result shape the pattern cannot read counts as parameter-sized.
   return [sizes for sizes in all_gather_sizes(hlo_text)
-          if max(sizes, default=0) >= threshold]
+          if max(sizes, default=threshold) >= threshold]
 
 
 def same_shardings(tree, like):
