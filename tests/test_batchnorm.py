@@ -159,3 +159,31 @@ def test_xsam_refresh_hvps_are_of_training_mode_hessian(setup):
       params, batch_stats, x, y, start, train=train, num_iters=num_iters)))
   assert cosine(train=True) > 1 - 1e-4
   assert cosine(train=False) < 1 - 1e-2
+
+
+def load_nnx_example():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).parents[1] / "examples" / "nnx_training.py"
+  spec = importlib.util.spec_from_file_location("nnx_training", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_nnx_example_updates_running_stats_once_from_clean_pass(setup):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  example = load_nnx_example()
+  _, _, x, y = setup
+  model = example.CNN((5,), 1, NUM_CLASSES, rngs=nnx.Rngs(0), features=(2,))
+  tx = loop.make_optimizer("xsam", learning_rate=0.1, rho=0.5, update_every=1, num_iters=2)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  oracle = nnx.clone(model)
+  oracle(x)  # One plain training-mode forward pass.
+  expected = nnx.state(oracle, nnx.BatchStat)
+  params_before = nnx.clone(nnx.state(model, nnx.Param))
+  example.train_step(model, optimizer, x, y, refresh=True)
+  assert_trees_close(nnx.state(model, nnx.BatchStat), expected, rtol=1e-5, atol=1e-6)
+  assert trees_differ(nnx.state(model, nnx.Param), params_before)
+  assert float(optax.tree.get(optimizer.opt_state, "eigenvalue")) != 0.0

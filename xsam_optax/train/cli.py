@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
   eval_x = jnp.asarray(dataset.x_train[: args.eval_batch_size])
   eval_y = jnp.asarray(dataset.y_train[: args.eval_batch_size])
   # Shared across optimizers, so compiled once.
+  variables = loop.init_variables(model, dataset.x_train[: args.batch_size], seed=args.seed)
   eval_fn = jax.jit(loop.make_eval_fn(model))
   top_eigenvalue_fn = jax.jit(loop.make_top_eigenvalue_fn(model, num_iters=args.eig_iters))
 
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
           model, tx, dataset, epochs=args.epochs, batch_size=args.batch_size,
           seed=args.seed, eval_x=eval_x, eval_y=eval_y,
           top_eigenvalue_fn=top_eigenvalue_fn, eval_fn=eval_fn,
-          refresh_every=args.update_every if name == "xsam" else None, progress=bar)
+          refresh_every=args.update_every if name == "xsam" else None, progress=bar,
+          variables=variables)
     timed = result.ms_per_step[1:] or result.ms_per_step  # Epoch 1 includes warm-up.
     runs[name] = {
         "config": _run_config(args, name),

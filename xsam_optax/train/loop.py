@@ -45,6 +45,9 @@ import xsam_optax
 
 PyTree = Any
 OPTIMIZERS = ("sgd", "sam", "xsam")
+# Also accepted by `make_optimizer` (not by the CLI): X-SAM with the
+# sign-invariant rule, and Eigen-SAM's ascent in front of the same base.
+EXTRA_OPTIMIZERS = ("xsam_si", "eigensam")
 
 # What reaches the base optimizer, stated in the metrics config of each run.
 GRADIENT_GIVEN = {
@@ -105,17 +108,55 @@ def make_grad_fn(model, batch_stats: PyTree, x: jax.Array, y: jax.Array) -> Call
   return jax.grad(lambda p: loss_fn(p, batch_stats, x, y)[0])
 
 
-def init_state(model, tx: optax.GradientTransformation, sample_x: jax.Array, *, seed: int) -> TrainState:
-  """Initialises parameters from ``jax.random.key(seed)`` and the optimizer state."""
-  # Jitted: eager initialisation compiles every small op separately.
-  variables = jax.jit(model.init)(jax.random.key(seed), sample_x)
+def init_variables(model, sample_x: jax.Array, *, seed: int) -> dict[str, PyTree]:
+  """``model.init`` from ``jax.random.key(seed)``, jitted (eagerly it compiles op by op).
+
+  Example:
+    >>> from xsam_optax.train.models import make_model
+    >>> sorted(init_variables(make_model("cnn", num_classes=2), jnp.zeros((1, 6, 1)), seed=0))
+    ['batch_stats', 'params']
+  """
+  return jax.jit(model.init)(jax.random.key(seed), sample_x)
+
+
+def init_state(
+    model,
+    tx: optax.GradientTransformation,
+    sample_x: jax.Array,
+    *,
+    seed: int,
+    variables: dict[str, PyTree] | None = None,
+) -> TrainState:
+  """Initial :class:`TrainState`: model variables from ``seed`` (or the given ones) and ``tx.init``.
+
+  Pass the same ``variables`` to every optimizer's run to share one
+  initialisation without recomputing it.
+  """
+  if variables is None:
+    variables = init_variables(model, sample_x, seed=seed)
   params = variables["params"]
   return TrainState(
       params=params,
       batch_stats=variables.get("batch_stats", {}),
-      opt_state=tx.init(params),
+      opt_state=jax.jit(tx.init)(params),
       step=jnp.zeros([], jnp.int32),
   )
+
+
+def lanczos_start(params: PyTree, seed: int) -> PyTree:
+  """A Gaussian pytree like ``params``: the fixed start vector of the eigenvalue measurement.
+
+  Drawn with NumPy on the host: a JAX PRNG would compile a sampler per leaf
+  shape, which on CPU cost more than the draw is worth.
+
+  Example:
+    >>> v = lanczos_start({"w": jnp.zeros((2, 3))}, seed=0)
+    >>> v["w"].shape, v["w"].dtype
+    ((2, 3), dtype('float32'))
+  """
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
 
 
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs):
@@ -200,6 +241,11 @@ def make_optimizer(
 ) -> optax.GradientTransformationExtraArgs:
   """SGD (momentum, weight decay, given schedule), alone or wrapped in SAM or X-SAM.
 
+  ``name`` is one of ``OPTIMIZERS`` or ``EXTRA_OPTIMIZERS``: ``"xsam_si"`` is
+  X-SAM with ``sign_invariant=True``; ``"eigensam"`` chains
+  :func:`xsam_optax.eigen_sam_ascent` (``rho``, ``alpha``, ``update_every``,
+  ``num_iters``, ``method``, ``seed``) in front of the base optimizer.
+
   Example:
     >>> tx = make_optimizer("sam", learning_rate=0.1, rho=0.05)
     >>> isinstance(tx, optax.GradientTransformationExtraArgs)
@@ -213,11 +259,18 @@ def make_optimizer(
     return optax.with_extra_args_support(base)
   if name == "sam":
     return xsam_optax.sam(base, rho=rho)
-  if name == "xsam":
+  if name in ("xsam", "xsam_si"):
     return xsam_optax.xsam(
         base, rho=rho, alpha=alpha, update_every=update_every, num_iters=num_iters,
-        method=method, normalize=normalize, seed=seed)
-  raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+        method=method, sign_invariant=name == "xsam_si", normalize=normalize, seed=seed)
+  if name == "eigensam":
+    return optax.chain(
+        xsam_optax.eigen_sam_ascent(
+            rho, alpha, update_every=update_every, num_iters=num_iters, method=method,
+            seed=seed),
+        base)
+  raise ValueError(
+      f"optimizer must be one of {OPTIMIZERS + EXTRA_OPTIMIZERS}, got {name!r}")
 
 
 def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int) -> np.ndarray:
@@ -262,12 +315,14 @@ def run_training(
     eval_fn: Callable[..., tuple[jax.Array, jax.Array]],
     refresh_every: int | None = None,
     progress: Any = None,
+    variables: dict[str, PyTree] | None = None,
 ) -> tuple[TrainState, RunResult]:
   """Runs the protocol for one optimizer and returns the final state and curves.
 
   ``eval_fn`` and ``top_eigenvalue_fn`` should be the same jitted callables for
   every optimizer (compiled once). ``progress`` is an optional object with
-  tqdm's ``update(n)`` / ``set_postfix(**kw)``.
+  tqdm's ``update(n)`` / ``set_postfix(**kw)``. ``variables``: initial model
+  variables shared by every run (default: :func:`init_variables` from ``seed``).
 
   ``refresh_every``: for X-SAM, its ``update_every``. The step is then compiled
   twice ahead of time, with ``refresh=True`` (eigenvector refresh) and
@@ -280,11 +335,9 @@ def run_training(
     raise ValueError(
         f"batch_size {batch_size} exceeds the {len(dataset.x_train)} training examples")
   x_train, y_train = dataset.x_train, dataset.y_train
-  state = init_state(model, tx, jnp.asarray(x_train[:batch_size]), seed=seed)
-  v0 = jax.tree.map(
-      lambda p, k: jax.random.normal(k, p.shape, p.dtype),
-      state.params,
-      _split_like(jax.random.key(seed + 1), state.params))
+  state = init_state(model, tx, jnp.asarray(x_train[:batch_size]), seed=seed,
+                     variables=variables)
+  v0 = lanczos_start(state.params, seed)
 
   t0 = time.perf_counter()
   jitted = jax.jit(make_train_step(model, tx), static_argnames="refresh")
@@ -341,8 +394,3 @@ def run_training(
       compile_seconds=compile_seconds,
   )
   return state, result
-
-
-def _split_like(key: jax.Array, tree: PyTree) -> PyTree:
-  leaves, treedef = jax.tree.flatten(tree)
-  return jax.tree.unflatten(treedef, list(jax.random.split(key, len(leaves))))

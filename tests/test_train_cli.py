@@ -1,0 +1,145 @@
+"""The ``xsam-train`` CLI: short real runs, the files they write, and bad flags."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xsam_optax.train import cli
+from xsam_optax.train import data
+from xsam_optax.train import loop
+from xsam_optax.train import models
+
+# Few steps, few products: the point is the plumbing, not the numbers.
+QUICK = ["--optimizer", "all", "--epochs", "2", "--batch-size", "64", "--eig-iters", "2",
+         "--eval-batch-size", "128", "--update-every", "3", "--num-iters", "2", "--no-progress"]
+RUN_FIELDS = {"config", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+              "top_eigenvalue", "mean_cos_angle", "mean_abs_cos_angle", "ms_per_step",
+              "mean_ms_per_step", "compile_seconds"}
+
+
+def run_cli(argv):
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    status = cli.main(argv)
+  return status, out.getvalue()
+
+
+@pytest.fixture(scope="module", params=[("digits", "cnn", None), ("mnist1d", "mlp", "512")],
+                ids=["digits-cnn", "mnist1d-mlp"])
+def quick_run(request, tmp_path_factory):
+  dataset, model, train_size = request.param
+  out_dir = tmp_path_factory.mktemp(dataset)
+  argv = QUICK + ["--dataset", dataset, "--model", model, "--out", str(out_dir)]
+  if train_size:
+    argv += ["--train-size", train_size]
+  status, stdout = run_cli(argv)
+  with open(out_dir / "metrics.json", encoding="utf-8") as f:
+    metrics = json.load(f)
+  return {"dataset": dataset, "status": status, "stdout": stdout, "metrics": metrics,
+          "out_dir": out_dir}
+
+
+def test_writes_metrics_with_every_field(quick_run):
+  assert quick_run["status"] == 0
+  metrics = quick_run["metrics"]
+  assert metrics["dataset"] == quick_run["dataset"]
+  assert set(metrics["runs"]) == {"sgd", "sam", "xsam"}
+  epochs = metrics["protocol"]["epochs"]
+  for name, run in metrics["runs"].items():
+    assert RUN_FIELDS <= set(run), name
+    for field in ("train_loss", "test_loss", "test_accuracy", "top_eigenvalue", "ms_per_step"):
+      assert len(run[field]) == epochs and all(np.isfinite(run[field])), (name, field)
+    assert run["config"]["optimizer"] == name
+    assert run["config"]["gradient_given_to_base"]
+    assert run["mean_ms_per_step"] > 0
+  assert metrics["runs"]["sgd"]["mean_cos_angle"] is None
+  cos = metrics["runs"]["xsam"]["mean_cos_angle"]
+  assert len(cos) == epochs and all(-1 <= c <= 1 for c in cos)
+  assert metrics["runs"]["xsam"]["config"]["alpha"] == 0.2
+
+
+def test_writes_png(quick_run):
+  with open(quick_run["out_dir"] / "curves.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prints_final_table(quick_run):
+  lines = quick_run["stdout"].splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith("optimizer"))
+  assert "test acc" in lines[header] and "ms/step" in lines[header]
+  rows = [line.split()[0] for line in lines[header + 1: header + 4]]
+  assert rows == ["sgd", "sam", "xsam"]
+
+
+def test_digits_accuracy_well_above_chance(quick_run):
+  if quick_run["dataset"] != "digits":
+    pytest.skip("accuracy is checked on the full digits training set")
+  for name, run in quick_run["metrics"]["runs"].items():
+    assert run["test_accuracy"][-1] > 0.6, name  # Chance is 0.1.
+
+
+def test_same_data_order_for_every_optimizer():
+  first = loop.epoch_batches(64, 16, seed=3, epoch=0)
+  np.testing.assert_array_equal(first, loop.epoch_batches(64, 16, seed=3, epoch=0))
+  assert not np.array_equal(first, loop.epoch_batches(64, 16, seed=3, epoch=1))
+  assert sorted(first.ravel()) == list(range(64))
+
+
+def test_same_initialisation_for_every_optimizer():
+  model = models.make_model("mlp", num_classes=3)
+  x = jnp.ones((2, 5))
+  init = lambda name, seed: loop.init_state(
+      model, loop.make_optimizer(name, learning_rate=0.1), x, seed=seed).params
+  sgd, xsam = init("sgd", 3), init("xsam", 3)
+  jax.tree.map(np.testing.assert_array_equal, sgd, xsam)
+  other = init("sgd", 4)
+  assert not np.array_equal(sgd["Dense_0"]["kernel"], other["Dense_0"]["kernel"])
+
+
+def test_train_step_compiles_once_per_variant():
+  x = jnp.ones((8, 4, 4, 1))
+  y = jnp.arange(8) % 3
+  model = models.make_model("mlp", num_classes=3)
+  tx = loop.make_optimizer("xsam", learning_rate=0.1, update_every=2, num_iters=1)
+  state = loop.init_state(model, tx, x, seed=0)
+  step = jax.jit(loop.make_train_step(model, tx), static_argnames="refresh")
+  for i in range(4):
+    state, _ = step(state, x, y, refresh=i % 2 == 0)
+  assert step._cache_size() == 2  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "cifar10"], "--dataset"),
+    (["--rho", "-0.1"], "--rho"),
+    (["--alpha", "2.5"], "--alpha"),
+    (["--alpha", "-0.1"], "--alpha"),
+    (["--optimizer", "adam"], "--optimizer"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--update-every", "0"], "--update-every"),
+    (["--train-size", "10", "--batch-size", "64"], "--train-size"),
+])
+def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv)
+  assert exit_info.value.code != 0
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("xsam-train: error:"), err
+  assert message in err
+
+
+def test_bad_flag_from_the_shell():
+  proc = subprocess.run(
+      [sys.executable, "-m", "xsam_optax.train.cli", "--rho", "-1"],
+      capture_output=True, text=True, check=False,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 2
+  assert proc.stderr.strip().count("\n") == 0 and "--rho" in proc.stderr
