@@ -1,0 +1,776 @@
+"""X-SAM's step time over SAM's, lever by lever, with eigenvector quality.
+
+One process measures, side by side: the step time of SGD, SAM and X-SAM with
+each performance lever on or off, as ratios to SAM (the issue-6 targets are
+X-SAM/SAM <= 1.25 refreshing every 5 steps, <= 1.4 every 3, on a GPU
+ResNet-18; <= 1.5 on CPU); the cost of a refresh in gradient-equivalents;
+the quality of the eigenvector, :math:`|\\cos(v, v^*)|` at refresh steps,
+with :math:`v^*` the top eigenvector of the same batch's Hessian from a
+converged Lanczos; and memory.
+
+Levers (each a row; the default is the first X-SAM row):
+
+* refresh under ``lax.cond`` inside one jitted step (the transform's default)
+  vs **host-chosen**: two jitted steps, ``tx.update(..., refresh=True/False)``,
+  picked by the Python loop;
+* power iteration vs **Lanczos** at equal matvecs, both warm-started;
+* fewer matvecs (power, 3);
+* HVPs on a **sub-batch** (``hvp_grad_fn``: the gradient on the first 1/4 or
+  1/2 of the mini-batch; quality is still measured against the full batch's
+  Hessian);
+* refresh every 5 and every 3 steps.
+
+Every step is the whole training step of the CLI's protocol
+(``xsam_optax.train.loop``: clean ``value_and_grad``, ``tx.update`` with
+``grad_fn`` of the training-mode BatchNorm loss, SGD momentum 0.9 + weight
+decay 5e-4), jitted and compiled ahead of time. A variant's step time is the
+time of one refresh period (``update_every`` steps: one refresh, the rest
+plain) divided by ``update_every``; medians of interleaved repeats after
+warm-up (see ``_common.py``). Refresh cost in gradients =
+``update_every * (X-SAM step - X-SAM step without refresh) / gradient``.
+
+Quality is measured separately (untimed) along one shared trajectory (the
+parameters of the default X-SAM run), so the rows differ only in how they
+estimate ``v``: each row keeps its own warm-started eigenvector and refreshes
+on its own schedule with its own compiled step; ``v*`` is Lanczos with
+``--oracle-iters`` products and k=2 on the full batch at the same parameters.
+"cold" is the first refresh (from the random initial vector); "warm" are the
+later ones.
+
+Memory: XLA's own accounting of each compiled step
+(``compiled.memory_analysis()``: arguments + outputs + temporaries - aliased;
+available on CPU and GPU); on GPU also the allocator's process-wide peak
+(``jax.local_devices()[0].memory_stats()['peak_bytes_in_use']``), which only
+grows, so it bounds the most memory-hungry step.
+
+Configurations:
+
+* ``--device cpu``: the training CLI's CNN (3 Conv+BatchNorm blocks, 32
+  channels) on MNIST-1D, batch 128; a few minutes on 2 cores, most of it
+  compilation.
+* ``--device gpu``: CIFAR-style ResNet-18 (BatchNorm), batch 256 of
+  synthetic 32x32x3 data, fp32, as in the anchors of XSAM.md; about 5
+  minutes on one H100, most of it compilation (done in parallel threads).
+
+Usage::
+
+  python benchmarks/step_overhead.py --device cpu
+  python benchmarks/step_overhead.py --device gpu
+  python benchmarks/step_overhead.py --device cpu --smoke   # seconds-sized check
+
+Writes ``benchmarks/results/<device>-<card or cpu>.json`` (``--json`` to
+change). Not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import re
+import sys
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row: an optimizer and how its refresh runs."""
+
+  name: str
+  optimizer: str  # sgd | sam | xsam
+  mode: str = "cond"  # cond | host (xsam only)
+  method: str = "power"
+  num_iters: int = 5
+  update_every: int = 5
+  hvp_fraction: float = 1.0
+
+  @property
+  def refresh_key(self) -> tuple:
+    """What a host-chosen refresh step depends on (not the period)."""
+    return (self.method, self.num_iters, self.hvp_fraction)
+
+  def settings(self) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+
+
+def variants(device: str) -> list[Variant]:
+  x = functools.partial(Variant, optimizer="xsam")
+  rows = [
+      Variant("SGD", "sgd"),
+      Variant("SAM", "sam"),
+      x("X-SAM default: power 5, every 5, lax.cond"),
+      x("  host-chosen refresh", mode="host"),
+      x("  host, Lanczos 5", mode="host", method="lanczos"),
+      x("  host, power 3", mode="host", num_iters=3),
+      x("  host, HVPs on 1/2 batch", mode="host", hvp_fraction=0.5),
+      x("  host, HVPs on 1/4 batch", mode="host", hvp_fraction=0.25),
+      x("  host, Lanczos 5, HVPs on 1/4 batch", mode="host", method="lanczos",
+        hvp_fraction=0.25),
+      x("X-SAM every 3, lax.cond", update_every=3),
+      x("  every 3, host", mode="host", update_every=3),
+      x("  every 3, host, HVPs on 1/4 batch", mode="host", update_every=3,
+        hvp_fraction=0.25),
+      x("  every 3, host, Lanczos 5, HVPs on 1/4 batch", mode="host",
+        update_every=3, method="lanczos", hvp_fraction=0.25),
+  ]
+  del device  # Same rows on both; kept as a hook for per-device pruning.
+  return rows
+
+
+CONFIGS = {
+    "cpu": dict(model="cnn", data="mnist1d", batch_size=128, rounds=7,
+                quality_steps=30, oracle_iters=40, num_batches=10,
+                learning_rate=0.05),
+    "gpu": dict(model="resnet18", data="synthetic", batch_size=256, rounds=10,
+                quality_steps=30, oracle_iters=40, num_batches=5,
+                learning_rate=0.05),
+}
+SMOKE = dict(batch_size=16, rounds=2, quality_steps=6, oracle_iters=8,
+             num_batches=3)
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(
+      description="X-SAM step overhead vs SAM, lever by lever (issue 6).",
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p.add_argument("--device", choices=("cpu", "gpu"), required=True)
+  p.add_argument("--batch-size", type=int, default=None)
+  p.add_argument("--rounds", type=int, default=None,
+                 help="interleaved timing samples per row")
+  p.add_argument("--quality-steps", type=int, default=None,
+                 help="length of the shared trajectory for |cos(v, v*)|")
+  p.add_argument("--oracle-iters", type=int, default=None,
+                 help="Lanczos products for v*")
+  p.add_argument("--only", default=None,
+                 help="regex: keep only the X-SAM rows whose name matches "
+                      "(SGD, SAM and the default always run)")
+  p.add_argument("--no-gauss-newton", action="store_true",
+                 help="skip the Gauss-Newton measurement")
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny sizes, to check the script end to end (also "
+                      "runs --device gpu's model on a CPU)")
+  p.add_argument("--json", default=None,
+                 help="default: benchmarks/results/<device>-<card or cpu>.json")
+  p.add_argument("--no-json", action="store_true")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.device == "cpu":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax  # After JAX_PLATFORMS.
+
+  if args.device == "gpu" and jax.default_backend() != "gpu" and not args.smoke:
+    sys.exit(f"--device gpu: JAX's backend is {jax.default_backend()!r}; "
+             "install jax[cuda12] or use --smoke to dry-run on CPU")
+  config = dict(CONFIGS[args.device])
+  if args.smoke:
+    config.update(SMOKE)
+  for key in ("batch_size", "rounds", "quality_steps", "oracle_iters"):
+    if getattr(args, key) is not None:
+      config[key] = getattr(args, key)
+  rows = variants(args.device)
+  if args.only:
+    rows = [v for v in rows if v.optimizer != "xsam" or v is rows[2]
+            or re.search(args.only, v.name)]
+  bench = Bench(args.device, config, rows, smoke=args.smoke,
+                gauss_newton=not args.no_gauss_newton)
+  command = " ".join(["python"] + sys.argv)
+
+  def write(payload):
+    import _common
+    path = args.json or default_json_path(args.device, payload["environment"],
+                                          args.smoke)
+    _common.write_json(path, dict(payload, command=command))
+
+  bench.run(None if args.no_json else write)
+  return 0
+
+
+def default_json_path(device, env, smoke):
+  here = os.path.dirname(os.path.abspath(__file__))
+  if device == "gpu" and env["backend"] == "gpu":
+    card = re.sub(r"[^a-z0-9]+", "-", env["device_kind"].lower()).strip("-")
+  else:
+    card = f"cpu{env['cpu_count']}"
+  name = f"{device}-{card}{'-smoke' if smoke else ''}.json"
+  return os.path.join(here, "results", name)
+
+
+# ----------------------------------------------------------------------------
+# Models and data
+
+
+def resnet18(num_classes: int = 10):
+  """CIFAR-style ResNet-18: 3x3 stem, no max-pool, BasicBlocks 2-2-2-2."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  norm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+  pad = ((1, 1), (1, 1))
+
+  class BasicBlock(nn.Module):
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train):
+      y = nn.Conv(self.features, (3, 3), self.strides, padding=pad,
+                  use_bias=False)(x)
+      y = nn.relu(norm(use_running_average=not train)(y))
+      y = nn.Conv(self.features, (3, 3), padding=pad, use_bias=False)(y)
+      y = norm(use_running_average=not train)(y)
+      if self.strides != 1 or x.shape[-1] != self.features:
+        x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x)
+        x = norm(use_running_average=not train)(x)
+      return nn.relu(x + y)
+
+  class ResNet18(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.Conv(64, (3, 3), padding=pad, use_bias=False)(x)
+      x = nn.relu(norm(use_running_average=not train)(x))
+      for stage, features in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+          strides = 2 if stage > 0 and block == 0 else 1
+          x = BasicBlock(features, strides)(x, train)
+      x = jnp.mean(x, axis=(1, 2))
+      return nn.Dense(self.num_classes)(x)
+
+  return ResNet18(num_classes)
+
+
+def make_batches(config, seed=0):
+  """``num_batches`` fixed (x, y) device batches."""
+  import jax
+  import jax.numpy as jnp
+
+  b, nb = config["batch_size"], config["num_batches"]
+  if config["data"] == "mnist1d":
+    from xsam_optax.train import data as data_lib
+    ds = data_lib.load_dataset("mnist1d")
+    n = min(nb, len(ds.x_train) // b)
+    xs = [jnp.asarray(ds.x_train[i * b:(i + 1) * b]) for i in range(n)]
+    ys = [jnp.asarray(ds.y_train[i * b:(i + 1) * b]) for i in range(n)]
+    return list(zip(xs, ys)), ds.num_classes, "MNIST-1D training set"
+  out = []
+  for key in jax.random.split(jax.random.key(seed), nb):
+    kx, ky = jax.random.split(key)
+    out.append((jax.random.normal(kx, (b, 32, 32, 3)),
+                jax.random.randint(ky, (b,), 0, 10)))
+  return out, 10, "synthetic N(0,1) images, uniform labels"
+
+
+def gauss_newton_matvec(model, params, batch_stats, x, y, v):
+  r"""``G v`` for the mean cross-entropy of the training-mode logits.
+
+  :math:`G = J^\top H_z J` with :math:`J` the Jacobian of the logits and
+  :math:`H_z = (\mathrm{diag}(p) - p p^\top)/B` per example: one ``jvp``
+  of the logits, then one ``vjp``; positive semi-definite.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  def logits_fn(p):
+    return model.apply({"params": p, "batch_stats": batch_stats}, x,
+                       train=True, mutable=["batch_stats"])[0]
+
+  z, jv = jax.jvp(logits_fn, (params,), (v,))
+  prob = jax.nn.softmax(z)
+  hjv = (prob * jv - prob * jnp.sum(prob * jv, -1, keepdims=True)) / z.shape[0]
+  _, vjp = jax.vjp(logits_fn, params)
+  del y  # G of the cross-entropy does not depend on the labels.
+  return vjp(hjv.astype(z.dtype))[0]
+
+
+# ----------------------------------------------------------------------------
+# The benchmark
+
+
+class Bench:
+
+  def __init__(self, device, config, rows, *, smoke, gauss_newton=True):
+    self.device, self.config, self.rows, self.smoke = device, config, rows, smoke
+    self.gauss_newton = gauss_newton
+
+  # -- building ---------------------------------------------------------------
+
+  def _optimizer(self, v: Variant):
+    from xsam_optax.train import loop
+    kw = dict(learning_rate=self.config["learning_rate"])
+    if v.optimizer == "xsam":
+      kw.update(update_every=v.update_every, num_iters=v.num_iters,
+                method=v.method)
+    return loop.make_optimizer(v.optimizer, **kw)
+
+  def _step_fn(self, tx, hvp_fraction: float):
+    """``loop.make_train_step`` plus ``hvp_grad_fn`` on a leading sub-batch."""
+    import jax
+    import optax
+    from xsam_optax.train import loop
+
+    model = self.model
+    loss_fn = loop.make_train_loss(model)
+    tx = optax.with_extra_args_support(tx)
+
+    def train_step(state, x, y, refresh=None):
+      (loss, (new_stats, _)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(state.params, state.batch_stats, x, y)
+      grad_fn = loop.make_grad_fn(model, state.batch_stats, x, y)
+      extra = {} if refresh is None else {"refresh": refresh}
+      if hvp_fraction < 1.0:
+        n = max(2, int(round(hvp_fraction * x.shape[0])))
+        extra["hvp_grad_fn"] = loop.make_grad_fn(
+            model, state.batch_stats, x[:n], y[:n])
+      updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                     grad_fn=grad_fn, **extra)
+      params = optax.apply_updates(state.params, updates)
+      return loop.TrainState(params, new_stats, opt_state,
+                             state.step + 1), loss
+
+    return train_step
+
+  def build(self):
+    import jax
+    import xsam_optax
+    from xsam_optax.train import loop
+    from xsam_optax.train import models
+
+    cfg = self.config
+    t0 = time.perf_counter()
+    self.batches, num_classes, self.data_desc = make_batches(cfg)
+    self.data_s = time.perf_counter() - t0
+    if cfg["model"] == "cnn":
+      self.model = models.make_model("cnn", num_classes=num_classes)
+      self.model_desc = ("xsam_optax.train.models.CNN: 3x (Conv k3, 32 ch, "
+                         "BatchNorm, ReLU), stride 2 after the first; Dense")
+    else:
+      self.model = resnet18(num_classes)
+      self.model_desc = "CIFAR-style ResNet-18 (BasicBlock 2-2-2-2, BatchNorm)"
+    x0, y0 = self.batches[0]
+    # The same initial parameters (seed 0) for every row.
+    first = loop.init_state(self.model, self._optimizer(self.rows[0]), x0,
+                            seed=0)
+    params = first.params
+    self.init_states = {}
+    for v in self.rows:
+      key = (v.optimizer, v.update_every, v.method, v.num_iters)
+      if key not in self.init_states:
+        self.init_states[key] = first._replace(
+            opt_state=self._optimizer(v).init(params))
+    self.param_count = int(sum(a.size for a in jax.tree.leaves(params)))
+    self.param_bytes = int(sum(a.nbytes for a in jax.tree.leaves(params)))
+
+    # Lowering is Python (sequential); compiling is XLA (parallel threads).
+    lowered = {}
+    sample = lambda v: (self.init_state(v), x0, y0)
+    loss_fn = loop.make_train_loss(self.model)
+    st = self.init_state(self.rows[0])
+    lowered["gradient"] = jax.jit(
+        lambda p, s, x, y: jax.value_and_grad(loss_fn, has_aux=True)(
+            p, s, x, y)).lower(st.params, st.batch_stats, x0, y0)
+    for frac in (1.0, 0.25):
+      n = max(2, int(round(frac * x0.shape[0])))
+
+      def one_hvp(p, s, x, y, u, n=n):
+        return xsam_optax.hvp(loop.make_grad_fn(self.model, s, x[:n], y[:n]),
+                              p, u)
+
+      lowered[f"hvp {frac:g}"] = jax.jit(one_hvp).lower(
+          st.params, st.batch_stats, x0, y0, st.params)
+    self.step_names = {}
+    for v in self.rows:
+      tx = self._optimizer(v)
+      if v.optimizer != "xsam" or v.mode == "cond":
+        name = f"step {v.name}"
+        fn = jax.jit(self._step_fn(tx, v.hvp_fraction))
+        lowered[name] = fn.lower(*sample(v))
+        self.step_names[v.name] = {"step": name}
+      else:
+        fn = jax.jit(self._step_fn(tx, v.hvp_fraction),
+                     static_argnames="refresh")
+        plain = "xsam plain step"
+        if plain not in lowered:
+          lowered[plain] = fn.lower(*sample(v), refresh=False)
+        refresh = f"xsam refresh step {v.refresh_key}"
+        if refresh not in lowered:
+          lowered[refresh] = fn.lower(*sample(v), refresh=True)
+        self.step_names[v.name] = {"plain": plain, "refresh": refresh}
+
+    def oracle(p, s, x, y, u):
+      grad_fn = loop.make_grad_fn(self.model, s, x, y)
+      r = xsam_optax.lanczos(lambda w: xsam_optax.hvp(grad_fn, p, w), u,
+                             num_iters=cfg["oracle_iters"], k=2)
+      return r.eigenvalue, jax.tree.map(lambda a: a[0], r.eigenvector), r.residual
+
+    lowered["oracle"] = jax.jit(oracle).lower(st.params, st.batch_stats, x0,
+                                               y0, st.params)
+    if self.gauss_newton:
+      gn = functools.partial(gauss_newton_matvec, self.model)
+      lowered["gn 1"] = jax.jit(gn).lower(st.params, st.batch_stats, x0, y0,
+                                          st.params)
+
+      def gn_power(p, s, x, y, u):
+        return xsam_optax.power_iteration(
+            lambda w: gn(p, s, x, y, w), u, num_iters=5).eigenvector
+
+      def gn_oracle(p, s, x, y, u):
+        return xsam_optax.lanczos(lambda w: gn(p, s, x, y, w), u,
+                                  num_iters=cfg["oracle_iters"]).eigenvector
+
+      for name, fn in (("gn power 5", gn_power), ("gn oracle", gn_oracle)):
+        lowered[name] = jax.jit(fn).lower(st.params, st.batch_stats, x0, y0,
+                                          st.params)
+    self.lower_s = time.perf_counter() - t0 - self.data_s
+    t1 = time.perf_counter()
+    # On a GPU machine the host's cores compile several programs at once; on
+    # the 2-core CPU configuration threads would only contend.
+    workers = 1 if self.device == "cpu" else max(1, min(8, os.cpu_count() or 1))
+
+    def compile_one(item):
+      name, low = item
+      t = time.perf_counter()
+      exe = low.compile()
+      return name, exe, time.perf_counter() - t
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      done = list(pool.map(compile_one, lowered.items()))
+    self.exe = {name: exe for name, exe, _ in done}
+    self.compile_each_s = {name: sec for name, _, sec in done}
+    self.compile_s = time.perf_counter() - t1
+
+  def init_state(self, v: Variant):
+    return self.init_states[(v.optimizer, v.update_every, v.method,
+                             v.num_iters)]
+
+  # -- timing -----------------------------------------------------------------
+
+  def timed_candidates(self):
+    """name -> (zero-arg callable, steps per call); state carried across calls."""
+    batches = self.batches
+    st0 = self.init_state(self.rows[0])
+    x0, y0 = batches[0]
+    cands = {
+        "gradient": (functools.partial(self.exe["gradient"], st0.params,
+                                       st0.batch_stats, x0, y0), 1),
+    }
+    for frac in (1.0, 0.25):
+      cands[f"hvp {frac:g}"] = (functools.partial(
+          self.exe[f"hvp {frac:g}"], st0.params, st0.batch_stats, x0, y0,
+          st0.params), 1)
+
+    if "gn 1" in self.exe:
+      cands["gn 1"] = (functools.partial(
+          self.exe["gn 1"], st0.params, st0.batch_stats, x0, y0, st0.params), 1)
+
+    def cycle(v, names, carry):
+      k = v.update_every if v.optimizer == "xsam" else 1
+
+      def run():
+        state, i = carry["state"], carry["i"]
+        for j in range(k):
+          x, y = batches[(i + j) % len(batches)]
+          if "step" in names:
+            state, loss = self.exe[names["step"]](state, x, y)
+          else:
+            exe = names["refresh"] if j == 0 else names["plain"]
+            state, loss = self.exe[exe](state, x, y)
+        carry["state"], carry["i"] = state, i + k
+        return state.params, loss
+
+      return run, k
+
+    for v in self.rows:
+      cands[v.name] = cycle(v, self.step_names[v.name],
+                            {"state": self.init_state(v), "i": 0})
+    # The two kinds of host step alone: plain, and each refresh.
+    for v in self.rows:
+      names = self.step_names[v.name]
+      for kind in ("plain", "refresh"):
+        if kind in names and names[kind] not in cands:
+          carry = {"state": self.init_state(v)}
+
+          def one(exe=names[kind], carry=carry):
+            carry["state"], loss = self.exe[exe](carry["state"], x0, y0)
+            return carry["state"].params, loss
+
+          cands[names[kind]] = (one, 1)
+    return cands
+
+  # -- quality ------------------------------------------------------------------
+
+  def quality(self):
+    """|cos(v, v*)| at each row's refresh steps along one shared trajectory."""
+    import jax
+    import numpy as onp
+    import optax
+    from xsam_optax import _tree
+    from xsam_optax.train import loop
+
+    T = self.config["quality_steps"]
+    default = next(v for v in self.rows if v.optimizer == "xsam")
+    driver = dataclasses.replace(default, mode="host")
+    driver_names = {"plain": "xsam plain step",
+                    "refresh": f"xsam refresh step {driver.refresh_key}"}
+    have_driver = all(n in self.exe for n in driver_names.values())
+    trajectory = []
+    state = self.init_state(default)
+    for t in range(T):
+      x, y = self.batches[t % len(self.batches)]
+      trajectory.append((state.params, state.batch_stats))
+      if have_driver:
+        exe = driver_names["refresh" if t % driver.update_every == 0 else "plain"]
+        state, _ = self.exe[exe](state, x, y)
+      else:
+        state, _ = self.exe[self.step_names[default.name]["step"]](state, x, y)
+
+    xsam_rows = [v for v in self.rows if v.optimizer == "xsam"]
+    needed = sorted({t for v in xsam_rows for t in range(T)
+                     if t % v.update_every == 0})
+    u = _tree.random_unit_like(jax.random.key(123), trajectory[0][0])
+    oracle = {}
+    for t in needed:
+      params, stats = trajectory[t]
+      x, y = self.batches[t % len(self.batches)]
+      vals, vec, res = self.exe["oracle"](params, stats, x, y, u)
+      oracle[t] = (vec, onp.asarray(vals), onp.asarray(res))
+
+    out = {}
+    for v in xsam_rows:
+      names = self.step_names[v.name]
+      opt_state = self.init_state(v).opt_state
+      cos = []
+      for t in range(T):
+        refresh = t % v.update_every == 0
+        if "plain" in names and not refresh:
+          continue  # A host step without refresh leaves v alone.
+        params, stats = trajectory[t]
+        x, y = self.batches[t % len(self.batches)]
+        s = loop.TrainState(params, stats, opt_state,
+                             jax.numpy.asarray(t, jax.numpy.int32))
+        exe = names.get("step") or names["refresh"]
+        s, _ = self.exe[exe](s, x, y)
+        opt_state = s.opt_state
+        if refresh:
+          vec = optax.tree.get(opt_state, "eigenvector")
+          cos.append(abs(float(_tree.vdot(vec, oracle[t][0]))))
+      warm = cos[1:] or cos
+      out[v.name] = {"cold": cos[0], "warm_mean": float(onp.mean(warm)),
+                     "warm_min": float(onp.min(warm)),
+                     "refreshes": len(cos), "all": cos}
+    if "gn oracle" in self.exe:
+      # Not a transform option: what a Gauss-Newton refresh would deliver.
+      v = self.init_state(default).opt_state
+      v = optax.tree.get(v, "eigenvector")
+      chain, converged = [], []
+      for t in range(0, T, 5):
+        params, stats = trajectory[t]
+        x, y = self.batches[t % len(self.batches)]
+        v = self.exe["gn power 5"](params, stats, x, y, v)
+        chain.append(abs(float(_tree.vdot(v, oracle[t][0]))))
+        top = self.exe["gn oracle"](params, stats, x, y, u)
+        converged.append(abs(float(_tree.vdot(top, oracle[t][0]))))
+      warm = chain[1:] or chain
+      out["gauss-newton power 5, every 5"] = {
+          "cold": chain[0], "warm_mean": float(onp.mean(warm)),
+          "warm_min": float(onp.min(warm)), "refreshes": len(chain),
+          "all": chain, "converged_gn_vs_hessian": converged}
+    oracle_summary = {
+        "steps": needed,
+        "lambda_1": [float(oracle[t][1][0]) for t in needed],
+        "lambda_2": [float(oracle[t][1][1]) for t in needed],
+        "relative_residual_1": [float(oracle[t][2][0] / abs(oracle[t][1][0]))
+                                for t in needed],
+        "iters": self.config["oracle_iters"],
+    }
+    return out, oracle_summary
+
+  # -- memory -------------------------------------------------------------------
+
+  def memory(self):
+    out = {}
+    for name, exe in self.exe.items():
+      try:
+        m = exe.memory_analysis()
+      except Exception:  # Not every backend implements it.
+        m = None
+      if m is None:
+        continue
+      total = (m.argument_size_in_bytes + m.output_size_in_bytes
+               + m.temp_size_in_bytes - m.alias_size_in_bytes)
+      out[name] = {"total_bytes": int(total),
+                   "temp_bytes": int(m.temp_size_in_bytes)}
+    return out
+
+  # -- all ------------------------------------------------------------------------
+
+  def run(self, write=None) -> dict[str, Any]:
+    """Builds, times, measures quality; ``write(payload)`` after each phase."""
+    import jax
+    import _common
+
+    self.env = env = _common.environment()
+    print(f"# step_overhead --device {self.device}: jax {env['jax']} on "
+          f"{env['backend']} ({env['device_kind']}), {env['cpu_count']} CPUs, "
+          f"load {env['load_average_at_start']}", flush=True)
+    self.build()
+    print(f"# {self.model_desc}; {self.param_count} params; batch "
+          f"{self.config['batch_size']} of {self.data_desc}; data "
+          f"{self.data_s:.0f} s, lowering {self.lower_s:.0f} s, compiling "
+          f"{len(self.exe)} programs {self.compile_s:.0f} s", flush=True)
+
+    cands = self.timed_candidates()
+    t0 = time.perf_counter()
+    self.timings = _common.time_interleaved(
+        {k: c[0] for k, c in cands.items()}, rounds=self.config["rounds"],
+        per_call={k: c[1] for k, c in cands.items()})
+    self.timing_s = time.perf_counter() - t0
+    self.process_peak = None
+    if env["backend"] == "gpu":
+      stats = jax.local_devices()[0].memory_stats() or {}
+      self.process_peak = stats.get("peak_bytes_in_use")
+    self.memory_xla = self.memory()
+    self.quality_rows, self.oracle, self.quality_s = {}, None, None
+    if write:  # Timings are safe on disk before the (longer) quality phase.
+      write(self.report(final=False))
+    print(f"# timing {self.timing_s:.0f} s; measuring quality ...", flush=True)
+    t0 = time.perf_counter()
+    self.quality_rows, self.oracle = self.quality()
+    self.quality_s = time.perf_counter() - t0
+    payload = self.report(final=True)
+    if write:
+      write(payload)
+    return payload
+
+  def report(self, *, final: bool) -> dict[str, Any]:
+    import _common
+
+    timings, quality, memory = self.timings, self.quality_rows, self.memory_xla
+    ms = lambda k: timings[k]["median_ms"]
+    grad, sam, sgd = ms("gradient"), ms("SAM"), ms("SGD")
+    plain = ms("xsam plain step") if "xsam plain step" in timings else None
+    results = []
+    for v in self.rows:
+      step = ms(v.name)
+      names = self.step_names[v.name]
+      mem = max((memory.get(n, {}).get("total_bytes", 0)
+                 for n in names.values()), default=0) or None
+      refresh_cost = (v.update_every * (step - plain) / grad
+                      if v.optimizer == "xsam" and plain else None)
+      q = quality.get(v.name, {})
+      results.append({
+          "name": v.name.strip(), **v.settings(),
+          "step_ms": step, "step_ms_q1": timings[v.name]["q1_ms"],
+          "step_ms_q3": timings[v.name]["q3_ms"],
+          "ratio_to_sam": step / sam, "ratio_to_sgd": step / sgd,
+          "refresh_cost_gradients": refresh_cost,
+          "refresh_step_ms": (ms(names["refresh"]) if "refresh" in names
+                              else None),
+          "quality_warm_mean": q.get("warm_mean"),
+          "quality_warm_min": q.get("warm_min"),
+          "quality_cold": q.get("cold"),
+          "quality_refreshes": q.get("refreshes"),
+          "quality_all": q.get("all"),
+          "memory_total_bytes": mem,
+      })
+
+    sam_mem = next(r["memory_total_bytes"] for r in results
+                   if r["name"] == "SAM")
+    header = ("variant", "step ms", "x SAM", "x SGD", "refresh, gradients",
+              "|cos(v,v*)| warm mean (min)", "cold", "MiB (XLA)",
+              "- SAM, MiB", "- SAM, x params")
+    table_rows = []
+    for r, v in zip(results, self.rows):
+      qual = (f"{r['quality_warm_mean']:.3f} ({r['quality_warm_min']:.3f})"
+              if r["quality_warm_mean"] is not None else None)
+      extra = (r["memory_total_bytes"] - sam_mem
+               if r["memory_total_bytes"] and sam_mem else None)
+      table_rows.append((v.name, r["step_ms"], r["ratio_to_sam"],
+                         r["ratio_to_sgd"], r["refresh_cost_gradients"], qual,
+                         r["quality_cold"],
+                         (r["memory_total_bytes"] or 0) / 2**20 or None,
+                         None if extra is None else extra / 2**20,
+                         None if extra is None else extra / self.param_bytes))
+    table = _common.format_table(header, table_rows)
+    hvp_full, hvp_q = ms("hvp 1"), ms("hvp 0.25")
+    lines = [
+        f"gradient {grad:.2f} ms; SGD step {sgd:.2f} ms; SAM step {sam:.2f} ms "
+        f"({sam / grad:.2f} gradients); X-SAM step without refresh "
+        f"{plain if plain is None else round(plain, 2)} ms; one HVP "
+        f"{hvp_full / grad:.2f} gradients on the full batch, "
+        f"{hvp_q / grad:.2f} on 1/4 of it; parameters "
+        f"{self.param_bytes / 2**20:.2f} MiB"]
+    oracle = self.oracle
+    if oracle:
+      ratio = np.array(oracle["lambda_2"]) / np.array(oracle["lambda_1"])
+      lines.append(
+          f"v*: Lanczos {oracle['iters']} products, k=2, at steps "
+          f"{oracle['steps']}: lambda_1 median "
+          f"{np.median(oracle['lambda_1']):.4g}, lambda_2/lambda_1 median "
+          f"{np.median(ratio):.3f}, relative residual max "
+          f"{max(oracle['relative_residual_1']):.2g}")
+    gauss_newton = None
+    gn_quality = quality.get("gauss-newton power 5, every 5")
+    if "gn 1" in timings:
+      gauss_newton = {"matvec_gradients": ms("gn 1") / grad, **(gn_quality or {})}
+      line = (f"Gauss-Newton (measured here, not a transform option): one "
+              f"product {gauss_newton['matvec_gradients']:.2f} gradients")
+      if gn_quality:
+        line += (
+            f"; power 5 on it every 5 steps, warm: |cos(v, v*)| "
+            f"{gn_quality['warm_mean']:.3f} (min {gn_quality['warm_min']:.3f})"
+            f"; converged GN top eigenvector vs the Hessian's: |cos| median "
+            f"{np.median(gn_quality['converged_gn_vs_hessian']):.3f}")
+      lines.append(line)
+    if self.process_peak is not None:
+      lines.append(f"GPU allocator peak (process-wide, all programs): "
+                   f"{self.process_peak / 2**20:.0f} MiB")
+    env = dict(self.env, load_average_at_end=_common.load_average())
+    if final:
+      print(table)
+      print("\n".join(lines))
+      print(f"# load average at end {env['load_average_at_end']}; timing "
+            f"{self.timing_s:.0f} s, quality {self.quality_s:.0f} s",
+            flush=True)
+    return {
+        "benchmark": "step_overhead",
+        "complete": final,
+        "device": self.device,
+        "smoke": self.smoke,
+        "environment": env,
+        "config": {**self.config, "model_description": self.model_desc,
+                   "data_description": self.data_desc,
+                   "param_count": self.param_count,
+                   "param_bytes": self.param_bytes,
+                   "base_optimizer": "SGD momentum 0.9, weight decay 5e-4 "
+                                     "(xsam_optax.train.loop.make_optimizer)",
+                   "rho": 0.05, "alpha": 0.2},
+        "seconds": {"data": self.data_s, "lowering": self.lower_s,
+                    "compile": self.compile_s, "timing": self.timing_s,
+                    "quality": self.quality_s,
+                    "compile_each": self.compile_each_s},
+        "gradient_ms": grad, "sgd_ms": sgd, "sam_ms": sam,
+        "xsam_plain_step_ms": plain,
+        "hvp_full_batch_gradients": hvp_full / grad,
+        "hvp_quarter_batch_gradients": hvp_q / grad,
+        "rows": results,
+        "timings": timings,
+        "oracle": oracle,
+        "memory_xla": memory,
+        "gpu_process_peak_bytes": self.process_peak,
+        "gauss_newton": gauss_newton,
+        "table": table,
+        "summary": lines,
+    }
+
+
+if __name__ == "__main__":
+  sys.exit(main())
