@@ -27,7 +27,7 @@ Example:
   >>> step = jax.jit(make_train_step(model, optax.sgd(0.1)))
   >>> state, metrics = step(state, jnp.ones((4, 5)), jnp.array([0, 1, 2, 0]))
   >>> int(state.step), sorted(metrics)
-  (1, ['accuracy', 'cos_angle', 'loss'])
+  (1, ['accuracy', 'cos_angle', 'grad_norm', 'loss'])
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def make_train_loss(model) -> Callable[..., tuple[jax.Array, tuple[PyTree, jax.A
   return loss_fn
 
 
-def make_grad_fn(model, batch_stats: PyTree, x: jax.Array, y: jax.Array) -> Callable[[PyTree], PyTree]:
+def make_grad_fn(
+    model, batch_stats: PyTree, x: jax.Array, y: jax.Array
+) -> Callable[[PyTree], PyTree]:
   """``params -> grad`` of the training-mode loss on ``(x, y)``; running stats discarded.
 
   This is the ``grad_fn`` handed to the SAM ascent and the eigenvector
@@ -98,10 +100,11 @@ def make_grad_fn(model, batch_stats: PyTree, x: jax.Array, y: jax.Array) -> Call
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from xsam_optax.train.models import make_model
-    >>> model = make_model("cnn", num_classes=2)
-    >>> v = model.init(jax.random.key(0), jnp.zeros((4, 6, 1)))
-    >>> g = make_grad_fn(model, v["batch_stats"], jnp.ones((4, 6, 1)), jnp.array([0, 1, 0, 1]))
-    >>> jax.tree.structure(g(v["params"])) == jax.tree.structure(v["params"])
+    >>> model = make_model("mlp", num_classes=2)
+    >>> v = init_variables(model, jnp.zeros((4, 6)), seed=0)
+    >>> g = make_grad_fn(model, {}, jnp.ones((4, 6)), jnp.array([0, 1, 0, 1]))
+    >>> grads = jax.jit(g)(v["params"])
+    >>> jax.tree.structure(grads) == jax.tree.structure(v["params"])
     True
   """
   loss_fn = make_train_loss(model)
@@ -170,8 +173,8 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs):
   ``refresh`` (static) is forwarded to ``tx.update`` when given: X-SAM then
   refreshes its eigenvector (``True``) or not (``False``) without ``lax.cond``.
 
-  Returns metrics ``loss``, ``accuracy`` (of the clean pass) and ``cos_angle``
-  (the optimizer's cos(g_hat, v) when its state has one, else NaN).
+  Returns metrics ``loss``, ``accuracy``, ``grad_norm`` (of the clean pass) and
+  ``cos_angle`` (the optimizer's cos(g_hat, v) when its state has one, else NaN).
   """
   loss_fn = make_train_loss(model)
   tx = optax.with_extra_args_support(tx)
@@ -189,6 +192,7 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs):
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+        "grad_norm": optax.tree.norm(grads),
         "cos_angle": jnp.nan if cos_angle is None else jnp.asarray(cos_angle, jnp.float32),
     }
     new_state = TrainState(params, new_batch_stats, opt_state, state.step + 1)
@@ -237,9 +241,13 @@ def make_optimizer(
     num_iters: int = 5,
     method: str = "power",
     normalize: bool = True,
+    sign_invariant: bool = False,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD (momentum, weight decay, given schedule), alone or wrapped in SAM or X-SAM.
+
+  ``normalize`` and ``sign_invariant`` are X-SAM's (see
+  :func:`xsam_optax.eigenvector_correction`).
 
   ``name`` is one of ``OPTIMIZERS`` or ``EXTRA_OPTIMIZERS``: ``"xsam_si"`` is
   X-SAM with ``sign_invariant=True``; ``"eigensam"`` chains
@@ -262,7 +270,8 @@ def make_optimizer(
   if name in ("xsam", "xsam_si"):
     return xsam_optax.xsam(
         base, rho=rho, alpha=alpha, update_every=update_every, num_iters=num_iters,
-        method=method, sign_invariant=name == "xsam_si", normalize=normalize, seed=seed)
+        method=method, sign_invariant=sign_invariant or name == "xsam_si",
+        normalize=normalize, seed=seed)
   if name == "eigensam":
     return optax.chain(
         xsam_optax.eigen_sam_ascent(
@@ -299,6 +308,11 @@ class RunResult(NamedTuple):
   mean_abs_cos_angle: list[float] | None
   ms_per_step: list[float]
   compile_seconds: float
+  # Mean norm of the clean mini-batch gradient: what SGD/SAM's step scales
+  # with, while X-SAM (normalize=True) hands the base a unit direction.
+  mean_grad_norm: list[float] | None = None
+  # Wall time of the per-epoch test evaluation and eigenvalue measurement.
+  eval_seconds: float | None = None
 
 
 def run_training(
@@ -349,8 +363,8 @@ def run_training(
   compile_seconds = time.perf_counter() - t0
 
   curves = {k: [] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                            "top_eigenvalue", "cos", "abs_cos", "ms")}
-  global_step = 0
+                            "top_eigenvalue", "cos", "abs_cos", "ms", "grad_norm")}
+  global_step, eval_seconds = 0, 0.0
   for epoch in range(epochs):
     batches = epoch_batches(len(x_train), batch_size, seed=seed, epoch=epoch)
     history = []
@@ -365,11 +379,14 @@ def run_training(
     history = jax.device_get(history)  # Waits for the epoch's last step.
     curves["ms"].append(1e3 * (time.perf_counter() - t0) / len(batches))
 
+    t0 = time.perf_counter()
     test_loss, test_acc = eval_fn(state.params, state.batch_stats, dataset.x_test, dataset.y_test)
-    eig = top_eigenvalue_fn(state.params, state.batch_stats, eval_x, eval_y, v0)
+    eig = float(top_eigenvalue_fn(state.params, state.batch_stats, eval_x, eval_y, v0))
+    eval_seconds += time.perf_counter() - t0
     cos = np.array([m["cos_angle"] for m in history])
     curves["train_loss"].append(float(np.mean([m["loss"] for m in history])))
     curves["train_accuracy"].append(float(np.mean([m["accuracy"] for m in history])))
+    curves["grad_norm"].append(float(np.mean([m["grad_norm"] for m in history])))
     curves["test_loss"].append(float(test_loss))
     curves["test_accuracy"].append(float(test_acc))
     curves["top_eigenvalue"].append(float(eig))
@@ -392,5 +409,7 @@ def run_training(
       mean_abs_cos_angle=curves["abs_cos"] if has_cos else None,
       ms_per_step=curves["ms"],
       compile_seconds=compile_seconds,
+      mean_grad_norm=curves["grad_norm"],
+      eval_seconds=eval_seconds,
   )
   return state, result
