@@ -1,0 +1,81 @@
+"""The notebooks run top to bottom and draw their plots; the committed copies carry no outputs.
+
+Each notebook is executed with nbclient in a fresh ``python3`` kernel, from the
+``notebooks`` directory, as a new user's "Run all" would. Their default
+``SMALL = True`` settings keep a run to a minute or two on a 2-core CPU, and the
+install cell is skipped because the package is importable, so no network is used.
+(These tests execute the notebooks themselves: do not also run pytest with
+``--nbmake``.)
+"""
+
+import ast
+import pathlib
+
+import nbformat
+from nbclient import NotebookClient
+import pytest
+
+NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = ("quickstart.ipynb", "sharpness.ipynb")
+CELL_TIMEOUT_S = 600
+KERNEL_STARTUP_TIMEOUT_S = 180  # Generous: CI machines may be busy.
+COLAB_URL = "https://colab.research.google.com/github/xsam-optax/xsam-optax/blob/main/notebooks/"
+
+
+def _read(name):
+  return nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+
+
+def _code_cells(nb):
+  return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def test_every_notebook_is_tested():
+  assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_has_no_outputs(name):
+  nb = _read(name)
+  nbformat.validate(nb)
+  dirty = [i for i, cell in enumerate(nb.cells)
+           if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
+  assert not dirty, (
+      f"{name}: cells {dirty} have outputs or execution counts; clear all outputs "
+      "(Jupyter: Edit > Clear Outputs of All Cells) before committing")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_opens_in_colab_and_installs_only_when_needed(name):
+  nb = _read(name)
+  assert COLAB_URL + name in nb.cells[0].source
+  for cell in _code_cells(nb):
+    ast.parse(cell.source)  # Plain Python: no `!pip` / `%magic` lines.
+  install = [c.source for c in _code_cells(nb) if "pip" in c.source]
+  assert len(install) == 1
+  assert "except ImportError:" in install[0]
+  assert "git+https://github.com/xsam-optax/xsam-optax" in install[0]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_and_draws_every_plot(name, tmp_path, monkeypatch):
+  # The kernel inherits this environment; ipykernel installs its inline
+  # (image/png) backend only when MPLBACKEND is unset.
+  monkeypatch.delenv("MPLBACKEND", raising=False)
+  nb = _read(name)
+  client = NotebookClient(
+      nb, timeout=CELL_TIMEOUT_S, startup_timeout=KERNEL_STARTUP_TIMEOUT_S, kernel_name="python3",
+      resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+  try:
+    client.execute()  # Raises CellExecutionError naming the failing cell.
+  finally:
+    nbformat.write(nb, tmp_path / name)  # The executed copy, to inspect a failure.
+
+  cells = _code_cells(nb)
+  errors = [out for cell in cells for out in cell.outputs if out.output_type == "error"]
+  assert not errors
+  plotting = [cell for cell in cells if "plt.show()" in cell.source]
+  assert plotting
+  for cell in plotting:
+    images = [out for out in cell.outputs if "image/png" in out.get("data", {})]
+    assert len(images) == 1, f"{name}: no plot from the cell\n{cell.source[:200]}"
