@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from xsam_optax.train import cli
-from xsam_optax.train import data
 from xsam_optax.train import loop
 from xsam_optax.train import models
 
@@ -22,7 +21,7 @@ QUICK = ["--optimizer", "all", "--epochs", "2", "--batch-size", "64", "--eig-ite
          "--eval-batch-size", "128", "--update-every", "3", "--num-iters", "2", "--no-progress"]
 RUN_FIELDS = {"config", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
               "top_eigenvalue", "mean_cos_angle", "mean_abs_cos_angle", "ms_per_step",
-              "mean_ms_per_step", "compile_seconds", "mean_grad_norm"}
+              "mean_ms_per_step", "compile_seconds", "mean_grad_norm", "eval_seconds"}
 
 
 def run_cli(argv):
@@ -32,19 +31,33 @@ def run_cli(argv):
   return status, out.getvalue()
 
 
-@pytest.fixture(scope="module", params=[("digits", "cnn", None), ("mnist1d", "mlp", "512")],
-                ids=["digits-cnn", "mnist1d-mlp"])
-def quick_run(request, tmp_path_factory):
-  dataset, model, train_size = request.param
+def _quick_run(tmp_path_factory, dataset, model, train_size=None):
   out_dir = tmp_path_factory.mktemp(dataset)
   argv = QUICK + ["--dataset", dataset, "--model", model, "--out", str(out_dir)]
   if train_size:
-    argv += ["--train-size", train_size]
+    argv += ["--train-size", str(train_size)]
   status, stdout = run_cli(argv)
   with open(out_dir / "metrics.json", encoding="utf-8") as f:
     metrics = json.load(f)
   return {"dataset": dataset, "status": status, "stdout": stdout, "metrics": metrics,
           "out_dir": out_dir}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  """The default model (CNN with BatchNorm) on the full digits training set."""
+  return _quick_run(tmp_path_factory, "digits", "cnn")
+
+
+@pytest.fixture(scope="module")
+def mnist1d_run(tmp_path_factory):
+  """The MLP (no BatchNorm) on a slice of MNIST-1D."""
+  return _quick_run(tmp_path_factory, "mnist1d", "mlp", train_size=512)
+
+
+@pytest.fixture(params=["digits_run", "mnist1d_run"])
+def quick_run(request):
+  return request.getfixturevalue(request.param)
 
 
 def test_writes_metrics_with_every_field(quick_run):
@@ -79,10 +92,8 @@ def test_prints_final_table(quick_run):
   assert rows == ["sgd", "sam", "xsam"]
 
 
-def test_digits_accuracy_well_above_chance(quick_run):
-  if quick_run["dataset"] != "digits":
-    pytest.skip("accuracy is checked on the full digits training set")
-  for name, run in quick_run["metrics"]["runs"].items():
+def test_digits_accuracy_well_above_chance(digits_run):
+  for name, run in digits_run["metrics"]["runs"].items():
     assert run["test_accuracy"][-1] > 0.6, name  # Chance is 0.1.
 
 
@@ -113,6 +124,16 @@ def test_train_step_compiles_once_per_variant():
   for i in range(4):
     state, _ = step(state, x, y, refresh=i % 2 == 0)
   assert step._cache_size() == 2  # pylint: disable=protected-access
+
+
+def test_config_states_what_xsam_hands_the_base_optimizer():
+  args = cli.parse_args(["--no-normalize", "--sign-invariant", "--alpha", "0.5"])
+  config = cli._run_config(args, "xsam")  # pylint: disable=protected-access
+  assert config["normalize"] is False and config["sign_invariant"] is True
+  assert config["alpha"] == 0.5 and "length kept" in config["gradient_given_to_base"]
+  default = cli._run_config(cli.parse_args([]), "xsam")  # pylint: disable=protected-access
+  assert default["normalize"] is True and "unit norm" in default["gradient_given_to_base"]
+  assert "raw" in cli._run_config(args, "sgd")["gradient_given_to_base"]  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("argv, message", [

