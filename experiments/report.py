@@ -36,6 +36,7 @@ COLUMNS = (
     ("hutchinson_trace", "trace (Hutchinson)", 1.0, "{:.3g}"),
     ("mean_cos_angle", "mean cos(g,v)", 1.0, "{:.3f}"),
     ("mean_abs_cos_angle", "mean abs cos(g,v)", 1.0, "{:.3f}"),
+    ("final_grad_norm", "grad norm (last epoch)", 1.0, "{:.3g}"),
     ("wall_seconds", "wall s", 1.0, "{:.1f}"),
 )
 
@@ -63,7 +64,7 @@ def group(runs):
 
 
 def _cell(values, scale, fmt):
-  values = [v for v in values if v is not None]
+  values = [v for v in values if v is not None]  # Fields absent from older records too.
   if not values:
     return "-"
   a = scale * np.asarray(values, float)
@@ -126,7 +127,7 @@ def format_summary(runs) -> str:
               "| optimizer | n | " + " | ".join(c[1] for c in COLUMNS) + " |",
               "|---|---|" + "---|" * len(COLUMNS)]
     for opt, rs in by_opt.items():
-      cells = [_cell([r["results"][k] for r in rs], s, f) for k, _, s, f in COLUMNS]
+      cells = [_cell([r["results"].get(k) for r in rs], s, f) for k, _, s, f in COLUMNS]
       lines.append(f"| {LABELS.get(opt, opt)} | {len(rs)} | " + " | ".join(cells) + " |")
     for ref in PAIRED_AGAINST:
       if ref in by_opt:

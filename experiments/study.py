@@ -57,7 +57,7 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
 # Optimizers whose update takes the static ``refresh`` extra (two compiled steps).
 REFRESHING = ("xsam", "xsam_si", "eigensam")
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "xsam", "xsam_si", "eigensam",
-                      "xsam_a0.05", "xsam_a0.1", "xsam_a0.5")
+                      "xsam_a0", "xsam_a0.05", "xsam_a0.1", "xsam_a0.5")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         cos = result.mean_cos_angle
         abs_cos = result.mean_abs_cos_angle
+        grad_norm = getattr(result, "mean_grad_norm", None)
         record = {
             "command": command,
             "rerun_row_command": _command(_row_argv(args, dataset_name, key, seed)),
@@ -240,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                 **{k: float(v) for k, v in final.items()},
                 "mean_cos_angle": None if cos is None else float(np.mean(cos)),
                 "mean_abs_cos_angle": None if abs_cos is None else float(np.mean(abs_cos)),
+                # The clean mini-batch gradient's norm: SGD/SAM's step scales with it,
+                # X-SAM (normalize=True) hands the base a unit direction instead.
+                "mean_grad_norm": None if grad_norm is None else float(np.mean(grad_norm)),
+                "final_grad_norm": None if grad_norm is None else float(grad_norm[-1]),
                 "wall_seconds": wall,
                 "compile_seconds": result.compile_seconds,
                 "ms_per_step": result.ms_per_step,
@@ -249,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_loss": result.train_loss,
                 "top_eigenvalue_per_epoch": result.top_eigenvalue,
                 "mean_cos_angle": cos,
+                "grad_norm": grad_norm,
             },
         }
         path = os.path.join(args.out, f"{dataset_name}__{key}__seed{seed}.json")

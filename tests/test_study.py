@@ -36,7 +36,7 @@ def test_study_writes_runs_and_report(tmp_path, capsys):
     assert run["config"]["total_steps"] == 4
     results = run["results"]
     for field in ("test_accuracy", "top_eigenvalue", "lanczos_residual", "hutchinson_trace",
-                  "hutchinson_trace_stderr", "wall_seconds"):
+                  "hutchinson_trace_stderr", "final_grad_norm", "wall_seconds"):
       assert np.isfinite(results[field]), (name, field)
     assert 0 <= results["test_accuracy"] <= 1
     if run["optimizer"] == "xsam":
