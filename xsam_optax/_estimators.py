@@ -168,8 +168,10 @@ def lanczos(
   :math:`\{v_0, A v_0, \dots, A^{m-1} v_0\}` (``m = num_iters`` products) and
   the tridiagonal :math:`T = Q^\top A Q`; the Ritz pairs of ``T`` approximate
   the extreme eigenpairs of ``A``. With a warm start ``v0`` close to the
-  answer, few products suffice. The residual of each Ritz pair is exact and
-  free: :math:`\beta_m |y_m|`.
+  answer, few products suffice. The residual of each Ritz pair comes free as
+  :math:`\beta_m |y_m|`, exact in exact arithmetic; in floating point it keeps
+  falling below the attainable :math:`\|Av - \lambda v\|`, which is of
+  order :math:`\epsilon \|A\|` (float32: about 1e-6 relative).
 
   The basis is a stack of ``m`` pytrees like ``v0`` (memory: ``m`` copies of
   the parameters). Full reorthogonalisation against the whole basis is on by
