@@ -7,9 +7,14 @@ one estimator call with 5 matvecs, for power iteration and Lanczos, each with
 its loop unrolled and rolled (``unroll=True/False``; rolled is a
 ``lax.fori_loop`` with a static trip count, i.e. a ``scan``), and inside
 ``lax.cond`` (as the transform's default schedule runs a refresh); also one
-HVP inside ``lax.cond``, and a gradient plus 5 power steps with and without
-sharing the linearisation (``jax.linearize``). Times are medians of
+HVP inside ``lax.cond``, and 5 power steps (alone, and after a gradient) with
+and without sharing one linearisation (``jax.linearize`` of ``grad_fn``).
+Memory: XLA's accounting of each compiled program (arguments + outputs +
+temporaries - aliased). Times are medians of
 interleaved repeats, reported as ratios to the gradient measured alongside.
+
+"x plain twin" compares a row with the same work at top level, unrolled,
+with plain HVPs (``jvp`` of ``grad_fn`` each time).
 
 Usage::
 
@@ -90,6 +95,12 @@ def candidates(grad_fn_of):
                                      num_iters=NUM_MATVECS, unroll=True)
     return g, res.eigenvector
 
+  def power_linearized(p, bs, x, y, v, pred):
+    del pred
+    _, matvec = jax.linearize(grad_fn_of(bs, x, y), p)
+    return xsam_optax.power_iteration(matvec, v, num_iters=NUM_MATVECS,
+                                      unroll=True).eigenvector
+
   def grad_plus_power_linearized(p, bs, x, y, v, pred):
     del pred
     g, matvec = jax.linearize(grad_fn_of(bs, x, y), p)
@@ -110,6 +121,9 @@ def candidates(grad_fn_of):
       out[f"{method}({NUM_MATVECS}) {label}"] = (
           functools.partial(estimator, method, unroll, in_cond),
           NUM_MATVECS, f"{method} iteration, {NUM_MATVECS} matvecs, {label}")
+  out[f"power({NUM_MATVECS}) unroll=True, linearize"] = (
+      power_linearized, NUM_MATVECS,
+      "matvec = jax.linearize(grad_fn)[1]: primal pass shared by the 5 HVPs")
   out[f"gradient + power({NUM_MATVECS})"] = (
       grad_plus_power, NUM_MATVECS, "gradient, then 5 HVPs of grad_fn")
   out[f"gradient + power({NUM_MATVECS}), linearize"] = (
@@ -150,13 +164,14 @@ def main(argv=None) -> int:
   grad_ms = timings["gradient"]["median_ms"]
   hvp_ms = timings["hvp"]["median_ms"]
   header = ("what", "ms", "x gradient", "per matvec, x gradient",
-            "x same at top level, unrolled", "compile s")
+            "x plain twin", "compile s", "MiB (XLA)")
   rows, results = [], {}
   for name, (_, matvecs, what) in specs.items():
     ms = timings[name]["median_ms"]
-    if "cond" in name or "unroll=False" in name:
+    if "cond" in name or "unroll=False" in name or name.endswith("linearize"):
       base = name.replace(", in lax.cond", "").replace(" in lax.cond", "")
       base = base.replace("unroll=False", "unroll=True")
+      base = base.replace(", linearize", "")
       vs_top = ms / timings[base]["median_ms"]
     else:
       vs_top = None
@@ -165,13 +180,18 @@ def main(argv=None) -> int:
       # Gradient + power: the per-matvec figure excludes the gradient.
       extra = grad_ms if name.startswith("gradient +") else 0.0
       per_matvec = (ms - extra) / matvecs / grad_ms
-    rows.append((name, ms, ms / grad_ms, per_matvec, vs_top, compile_s[name]))
+    mem = compiled[name].memory_analysis()
+    mem_bytes = (None if mem is None else
+                 mem.argument_size_in_bytes + mem.output_size_in_bytes
+                 + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    rows.append((name, ms, ms / grad_ms, per_matvec, vs_top, compile_s[name],
+                 None if mem_bytes is None else mem_bytes / 2**20))
     results[name] = {
         "description": what, "matvecs": matvecs,
         **timings[name], "ratio_to_gradient": ms / grad_ms,
         "per_matvec_ratio_to_gradient": per_matvec,
         "ratio_to_top_level_unrolled": vs_top,
-        "compile_s": compile_s[name]}
+        "compile_s": compile_s[name], "memory_bytes_xla": mem_bytes}
   print(_common.format_table(header, rows))
   print(f"gradient {grad_ms:.2f} ms, one HVP {hvp_ms / grad_ms:.2f} gradients; "
         f"load average at end {_common.load_average()}")

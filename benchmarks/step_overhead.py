@@ -14,11 +14,13 @@ Levers (each a row; the default is the first X-SAM row):
   vs **host-chosen**: two jitted steps, ``tx.update(..., refresh=True/False)``,
   picked by the Python loop;
 * power iteration vs **Lanczos** at equal matvecs, both warm-started;
-* fewer matvecs (power, 3);
+* fewer matvecs (3 instead of 5);
 * HVPs on a **sub-batch** (``hvp_grad_fn``: the gradient on the first 1/4 or
   1/2 of the mini-batch; quality is still measured against the full batch's
   Hessian);
-* refresh every 5 and every 3 steps.
+* refresh every 5 and every 3 steps;
+* (not a transform option) a **Gauss-Newton** product instead of the HVP:
+  its cost, and how well its top eigenvector matches the Hessian's.
 
 Every step is the whole training step of the CLI's protocol
 (``xsam_optax.train.loop``: clean ``value_and_grad``, ``tx.update`` with
@@ -29,13 +31,16 @@ plain) divided by ``update_every``; medians of interleaved repeats after
 warm-up (see ``_common.py``). Refresh cost in gradients =
 ``update_every * (X-SAM step - X-SAM step without refresh) / gradient``.
 
-Quality is measured separately (untimed) along one shared trajectory (the
-parameters of the default X-SAM run), so the rows differ only in how they
-estimate ``v``: each row keeps its own warm-started eigenvector and refreshes
-on its own schedule with its own compiled step; ``v*`` is Lanczos with
-``--oracle-iters`` products and k=2 on the full batch at the same parameters.
-"cold" is the first refresh (from the random initial vector); "warm" are the
-later ones.
+Quality is measured separately (untimed) along one shared trajectory of
+``--quality-steps`` steps from initialisation (the parameters of the default
+X-SAM run), so the rows differ only in how they estimate ``v``: each row
+keeps its own warm-started eigenvector and refreshes on its own schedule with
+its own compiled step; ``v*`` is Lanczos with ``--oracle-iters`` products,
+full reorthogonalisation and k=2 on the full batch at the same parameters
+(its own implementation, not the library's, with the loop on the host). "warm" are all refreshes but
+the first (which starts from the random initial vector; JSON: "cold"); "2nd
+half" the refreshes in the second half of the trajectory, once warm starts
+have had time to converge.
 
 Memory: XLA's own accounting of each compiled step
 (``compiled.memory_analysis()``: arguments + outputs + temporaries - aliased;
@@ -100,34 +105,38 @@ class Variant:
 
 def variants(device: str) -> list[Variant]:
   x = functools.partial(Variant, optimizer="xsam")
-  rows = [
+  del device  # The same rows on both; a hook for per-device pruning.
+  return [
       Variant("SGD", "sgd"),
       Variant("SAM", "sam"),
       x("X-SAM default: power 5, every 5, lax.cond"),
       x("  host-chosen refresh", mode="host"),
       x("  host, Lanczos 5", mode="host", method="lanczos"),
       x("  host, power 3", mode="host", num_iters=3),
+      x("  host, Lanczos 3", mode="host", method="lanczos", num_iters=3),
       x("  host, HVPs on 1/2 batch", mode="host", hvp_fraction=0.5),
       x("  host, HVPs on 1/4 batch", mode="host", hvp_fraction=0.25),
       x("  host, Lanczos 5, HVPs on 1/4 batch", mode="host", method="lanczos",
         hvp_fraction=0.25),
+      x("  host, Lanczos 3, HVPs on 1/4 batch", mode="host", method="lanczos",
+        num_iters=3, hvp_fraction=0.25),
       x("X-SAM every 3, lax.cond", update_every=3),
       x("  every 3, host", mode="host", update_every=3),
-      x("  every 3, host, HVPs on 1/4 batch", mode="host", update_every=3,
-        hvp_fraction=0.25),
-      x("  every 3, host, Lanczos 5, HVPs on 1/4 batch", mode="host",
-        update_every=3, method="lanczos", hvp_fraction=0.25),
+      x("  every 3, host, Lanczos 5", mode="host", update_every=3,
+        method="lanczos"),
+      x("  every 3, host, Lanczos 3", mode="host", update_every=3,
+        method="lanczos", num_iters=3),
+      x("  every 3, host, Lanczos 3, HVPs on 1/4 batch", mode="host",
+        update_every=3, method="lanczos", num_iters=3, hvp_fraction=0.25),
   ]
-  del device  # Same rows on both; kept as a hook for per-device pruning.
-  return rows
 
 
 CONFIGS = {
-    "cpu": dict(model="cnn", data="mnist1d", batch_size=128, rounds=7,
-                quality_steps=30, oracle_iters=40, num_batches=10,
+    "cpu": dict(model="cnn", data="mnist1d", batch_size=128, rounds=21,
+                quality_steps=60, oracle_iters=40, num_batches=10,
                 learning_rate=0.05),
-    "gpu": dict(model="resnet18", data="synthetic", batch_size=256, rounds=10,
-                quality_steps=30, oracle_iters=40, num_batches=5,
+    "gpu": dict(model="resnet18", data="synthetic", batch_size=256, rounds=15,
+                quality_steps=40, oracle_iters=40, num_batches=5,
                 learning_rate=0.05),
 }
 SMOKE = dict(batch_size=16, rounds=2, quality_steps=6, oracle_iters=8,
@@ -269,6 +278,35 @@ def make_batches(config, seed=0):
   return out, 10, "synthetic N(0,1) images, uniform labels"
 
 
+@functools.cache
+def _oracle_helpers():
+  import jax
+  import jax.numpy as jnp
+
+  @jax.jit
+  def set_row(basis, j, q):
+    return basis.at[j].set(q)
+
+  @jax.jit
+  def orthogonalise(basis, w, q, q_prev, beta_prev):
+    alpha = jnp.vdot(q, w)
+    w = w - alpha * q - beta_prev * q_prev
+    for _ in range(2):  # Twice is enough (Kahan-Parlett).
+      w = w - basis.T @ (basis @ w)
+    beta = jnp.linalg.norm(w)
+    return alpha, beta, w / jnp.where(beta > 0, beta, 1.0)
+
+  return set_row, orthogonalise
+
+
+def _set_row(basis, j, q):
+  return _oracle_helpers()[0](basis, j, q)
+
+
+def _lanczos_orthogonalise(basis, w, q, q_prev, beta_prev):
+  return _oracle_helpers()[1](basis, w, q, q_prev, beta_prev)
+
+
 def gauss_newton_matvec(model, params, batch_stats, x, y, v):
   r"""``G v`` for the mean cross-entropy of the training-mode logits.
 
@@ -405,14 +443,19 @@ class Bench:
           lowered[refresh] = fn.lower(*sample(v), refresh=True)
         self.step_names[v.name] = {"plain": plain, "refresh": refresh}
 
-    def oracle(p, s, x, y, u):
-      grad_fn = loop.make_grad_fn(self.model, s, x, y)
-      r = xsam_optax.lanczos(lambda w: xsam_optax.hvp(grad_fn, p, w), u,
-                             num_iters=cfg["oracle_iters"], k=2)
-      return r.eigenvalue, jax.tree.map(lambda a: a[0], r.eigenvector), r.residual
+    # The oracle's products, on flat vectors: its Lanczos loop runs on the
+    # host (see `host_lanczos`), each product a top-level program.
+    from jax.flatten_util import ravel_pytree
+    _, self.unravel = ravel_pytree(st.params)
+    flat = lambda tree: ravel_pytree(tree)[0]
+    flat0 = flat(st.params)
 
-    lowered["oracle"] = jax.jit(oracle).lower(st.params, st.batch_stats, x0,
-                                               y0, st.params)
+    def hvp_flat(p, s, x, y, w):
+      grad_fn = loop.make_grad_fn(self.model, s, x, y)
+      return flat(xsam_optax.hvp(grad_fn, p, self.unravel(w)))
+
+    lowered["hvp flat"] = jax.jit(hvp_flat).lower(
+        st.params, st.batch_stats, x0, y0, flat0)
     if self.gauss_newton:
       gn = functools.partial(gauss_newton_matvec, self.model)
       lowered["gn 1"] = jax.jit(gn).lower(st.params, st.batch_stats, x0, y0,
@@ -422,13 +465,13 @@ class Bench:
         return xsam_optax.power_iteration(
             lambda w: gn(p, s, x, y, w), u, num_iters=5).eigenvector
 
-      def gn_oracle(p, s, x, y, u):
-        return xsam_optax.lanczos(lambda w: gn(p, s, x, y, w), u,
-                                  num_iters=cfg["oracle_iters"]).eigenvector
+      def gn_flat(p, s, x, y, w):
+        return flat(gn(p, s, x, y, self.unravel(w)))
 
-      for name, fn in (("gn power 5", gn_power), ("gn oracle", gn_oracle)):
-        lowered[name] = jax.jit(fn).lower(st.params, st.batch_stats, x0, y0,
-                                          st.params)
+      lowered["gn power 5"] = jax.jit(gn_power).lower(
+          st.params, st.batch_stats, x0, y0, st.params)
+      lowered["gn flat"] = jax.jit(gn_flat).lower(
+          st.params, st.batch_stats, x0, y0, flat0)
     self.lower_s = time.perf_counter() - t0 - self.data_s
     t1 = time.perf_counter()
     # On a GPU machine the host's cores compile several programs at once; on
@@ -507,93 +550,140 @@ class Bench:
 
   # -- quality ------------------------------------------------------------------
 
+  def host_lanczos(self, matvec: str, p, s, x, y, u, *, k: int):
+    """The oracle: Lanczos with full reorthogonalisation (twice), m products.
+
+    Independent of the library's :func:`xsam_optax.lanczos`, on ravelled
+    vectors (fine for an oracle), with the loop on the host so that every
+    product runs as its own top-level program: on XLA:CPU a product inside
+    a rolled loop runs several times slower (``benchmarks/estimators.py``).
+    Returns the top ``k`` Ritz values (descending), the Ritz vectors as rows
+    of a ``(k, n)`` array, and the residual bounds
+    :math:`\beta_m |e_m^\top y|`.
+    """
+    import jax.numpy as jnp
+
+    m = self.config["oracle_iters"]
+    basis = jnp.zeros((m, u.size), u.dtype)
+    q = u / jnp.linalg.norm(u)
+    q_prev = jnp.zeros_like(q)
+    beta = jnp.zeros((), u.dtype)
+    alphas, betas = [], []
+    for j in range(m):
+      basis = _set_row(basis, j, q)
+      w = self.exe[matvec](p, s, x, y, q)
+      alpha, beta, q_next = _lanczos_orthogonalise(basis, w, q, q_prev, beta)
+      alphas.append(float(alpha))
+      betas.append(float(beta))
+      if betas[-1] <= 1e-30:  # Invariant subspace: nothing more to find.
+        break
+      q_prev, q = q, q_next
+    n = len(alphas)
+    t = (np.diag(alphas) + np.diag(betas[:n - 1], 1)
+         + np.diag(betas[:n - 1], -1))
+    values, coeffs = np.linalg.eigh(t)
+    top = np.arange(n - 1, n - 1 - k, -1)
+    vectors = jnp.asarray(coeffs[:, top].T, basis.dtype) @ basis[:n]
+    residuals = np.abs(betas[n - 1] * coeffs[n - 1, top])
+    return values[top], vectors, residuals
+
+
   def quality(self):
-    """|cos(v, v*)| at each row's refresh steps along one shared trajectory."""
+    """|cos(v, v*)| at each row's refresh steps along one shared trajectory.
+
+    The trajectory is the default X-SAM's (host-chosen steps); at every step
+    each row whose schedule refreshes runs its own compiled refresh step at
+    the trajectory's parameters from its own previous eigenvector. A
+    ``lax.cond`` row computes exactly what its host-chosen twin does (same
+    eigenvectors; ``tests/test_transforms.py`` checks it), so it is given the
+    twin's numbers instead of being run again.
+    """
     import jax
+    import jax.numpy as jnp
     import numpy as onp
     import optax
     from xsam_optax import _tree
     from xsam_optax.train import loop
 
+    from jax.flatten_util import ravel_pytree
+
     T = self.config["quality_steps"]
+    # |cos| of a unit pytree and a unit flat vector (the oracle's).
+    abs_cos = jax.jit(lambda tree, vec: jnp.abs(jnp.vdot(
+        ravel_pytree(tree)[0].astype(vec.dtype), vec)))
     default = next(v for v in self.rows if v.optimizer == "xsam")
-    driver = dataclasses.replace(default, mode="host")
-    driver_names = {"plain": "xsam plain step",
-                    "refresh": f"xsam refresh step {driver.refresh_key}"}
-    have_driver = all(n in self.exe for n in driver_names.values())
-    trajectory = []
+    xsam_rows = [v for v in self.rows if v.optimizer == "xsam"]
+    twin = {}
+    for v in xsam_rows:
+      if v.mode == "cond":
+        host = dataclasses.replace(v, mode="host")
+        match = [w for w in xsam_rows if dataclasses.replace(w, name="")
+                 == dataclasses.replace(host, name="")]
+        if match:
+          twin[v.name] = match[0].name
+    measured = [v for v in xsam_rows if v.name not in twin]
+    opt_states = {v.name: self.init_state(v).opt_state for v in measured}
+    cos = {v.name: [] for v in measured}
+    gn_v = optax.tree.get(self.init_state(default).opt_state, "eigenvector")
+    gn_chain, gn_converged = [], []
+    has_gn = "gn flat" in self.exe
+    u = ravel_pytree(_tree.random_unit_like(
+        jax.random.key(123), self.init_state(default).params))[0]
+    plain, refresh = "xsam plain step", f"xsam refresh step {default.refresh_key}"
+    have_driver = plain in self.exe and refresh in self.exe
     state = self.init_state(default)
+    steps, lam1, lam2, rel_res = [], [], [], []
     for t in range(T):
       x, y = self.batches[t % len(self.batches)]
-      trajectory.append((state.params, state.batch_stats))
+      due = [v for v in measured if t % v.update_every == 0]
+      gn_due = has_gn and t % 5 == 0
+      if due or gn_due:
+        vals, vecs, res = self.host_lanczos(
+            "hvp flat", state.params, state.batch_stats, x, y, u, k=2)
+        v_star = vecs[0]
+        steps.append(t)
+        lam1.append(float(vals[0]))
+        lam2.append(float(vals[1]))
+        rel_res.append(float(res[0] / abs(vals[0])))
+      for v in due:
+        names = self.step_names[v.name]
+        s = loop.TrainState(state.params, state.batch_stats,
+                            opt_states[v.name], jnp.asarray(t, jnp.int32))
+        s, _ = self.exe[names.get("step") or names["refresh"]](s, x, y)
+        opt_states[v.name] = s.opt_state
+        vec = optax.tree.get(s.opt_state, "eigenvector")
+        cos[v.name].append(float(abs_cos(vec, v_star)))
+      if gn_due:
+        gn_v = self.exe["gn power 5"](state.params, state.batch_stats, x, y,
+                                      gn_v)
+        gn_chain.append(float(abs_cos(gn_v, v_star)))
+        _, top, _ = self.host_lanczos(
+            "gn flat", state.params, state.batch_stats, x, y, u, k=1)
+        gn_converged.append(float(jnp.abs(jnp.vdot(top[0], v_star))))
       if have_driver:
-        exe = driver_names["refresh" if t % driver.update_every == 0 else "plain"]
+        exe = refresh if t % default.update_every == 0 else plain
         state, _ = self.exe[exe](state, x, y)
       else:
         state, _ = self.exe[self.step_names[default.name]["step"]](state, x, y)
 
-    xsam_rows = [v for v in self.rows if v.optimizer == "xsam"]
-    needed = sorted({t for v in xsam_rows for t in range(T)
-                     if t % v.update_every == 0})
-    u = _tree.random_unit_like(jax.random.key(123), trajectory[0][0])
-    oracle = {}
-    for t in needed:
-      params, stats = trajectory[t]
-      x, y = self.batches[t % len(self.batches)]
-      vals, vec, res = self.exe["oracle"](params, stats, x, y, u)
-      oracle[t] = (vec, onp.asarray(vals), onp.asarray(res))
+    def summary(values, **extra):
+      warm = values[1:] or values
+      half = values[len(values) // 2:]
+      return {"cold": values[0], "warm_mean": float(onp.mean(warm)),
+              "warm_min": float(onp.min(warm)),
+              "second_half_mean": float(onp.mean(half)),
+              "refreshes": len(values), "all": values, **extra}
 
-    out = {}
-    for v in xsam_rows:
-      names = self.step_names[v.name]
-      opt_state = self.init_state(v).opt_state
-      cos = []
-      for t in range(T):
-        refresh = t % v.update_every == 0
-        if "plain" in names and not refresh:
-          continue  # A host step without refresh leaves v alone.
-        params, stats = trajectory[t]
-        x, y = self.batches[t % len(self.batches)]
-        s = loop.TrainState(params, stats, opt_state,
-                             jax.numpy.asarray(t, jax.numpy.int32))
-        exe = names.get("step") or names["refresh"]
-        s, _ = self.exe[exe](s, x, y)
-        opt_state = s.opt_state
-        if refresh:
-          vec = optax.tree.get(opt_state, "eigenvector")
-          cos.append(abs(float(_tree.vdot(vec, oracle[t][0]))))
-      warm = cos[1:] or cos
-      out[v.name] = {"cold": cos[0], "warm_mean": float(onp.mean(warm)),
-                     "warm_min": float(onp.min(warm)),
-                     "refreshes": len(cos), "all": cos}
-    if "gn oracle" in self.exe:
-      # Not a transform option: what a Gauss-Newton refresh would deliver.
-      v = self.init_state(default).opt_state
-      v = optax.tree.get(v, "eigenvector")
-      chain, converged = [], []
-      for t in range(0, T, 5):
-        params, stats = trajectory[t]
-        x, y = self.batches[t % len(self.batches)]
-        v = self.exe["gn power 5"](params, stats, x, y, v)
-        chain.append(abs(float(_tree.vdot(v, oracle[t][0]))))
-        top = self.exe["gn oracle"](params, stats, x, y, u)
-        converged.append(abs(float(_tree.vdot(top, oracle[t][0]))))
-      warm = chain[1:] or chain
-      out["gauss-newton power 5, every 5"] = {
-          "cold": chain[0], "warm_mean": float(onp.mean(warm)),
-          "warm_min": float(onp.min(warm)), "refreshes": len(chain),
-          "all": chain, "converged_gn_vs_hessian": converged}
-    oracle_summary = {
-        "steps": needed,
-        "lambda_1": [float(oracle[t][1][0]) for t in needed],
-        "lambda_2": [float(oracle[t][1][1]) for t in needed],
-        "relative_residual_1": [float(oracle[t][2][0] / abs(oracle[t][1][0]))
-                                for t in needed],
-        "iters": self.config["oracle_iters"],
-    }
+    out = {name: summary(values) for name, values in cos.items()}
+    for name, other in twin.items():
+      out[name] = dict(out[other], same_as=other.strip())
+    if has_gn:
+      out["gauss-newton power 5, every 5"] = summary(
+          gn_chain, converged_gn_vs_hessian=gn_converged)
+    oracle_summary = {"steps": steps, "lambda_1": lam1, "lambda_2": lam2,
+                      "relative_residual_1": rel_res,
+                      "iters": self.config["oracle_iters"]}
     return out, oracle_summary
-
-  # -- memory -------------------------------------------------------------------
 
   def memory(self):
     out = {}
@@ -677,6 +767,8 @@ class Bench:
           "quality_warm_mean": q.get("warm_mean"),
           "quality_warm_min": q.get("warm_min"),
           "quality_cold": q.get("cold"),
+          "quality_second_half_mean": q.get("second_half_mean"),
+          "quality_same_as": q.get("same_as"),
           "quality_refreshes": q.get("refreshes"),
           "quality_all": q.get("all"),
           "memory_total_bytes": mem,
@@ -685,7 +777,7 @@ class Bench:
     sam_mem = next(r["memory_total_bytes"] for r in results
                    if r["name"] == "SAM")
     header = ("variant", "step ms", "x SAM", "x SGD", "refresh, gradients",
-              "|cos(v,v*)| warm mean (min)", "cold", "MiB (XLA)",
+              "|cos(v,v*)| warm mean (min)", "2nd half", "MiB (XLA)",
               "- SAM, MiB", "- SAM, x params")
     table_rows = []
     for r, v in zip(results, self.rows):
@@ -695,7 +787,7 @@ class Bench:
                if r["memory_total_bytes"] and sam_mem else None)
       table_rows.append((v.name, r["step_ms"], r["ratio_to_sam"],
                          r["ratio_to_sgd"], r["refresh_cost_gradients"], qual,
-                         r["quality_cold"],
+                         r["quality_second_half_mean"],
                          (r["memory_total_bytes"] or 0) / 2**20 or None,
                          None if extra is None else extra / 2**20,
                          None if extra is None else extra / self.param_bytes))
