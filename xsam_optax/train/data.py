@@ -48,8 +48,8 @@ def load_mnist1d() -> Dataset:
   (``make_dataset(get_dataset_args())``, seed 42), so every run gets the same data.
 
   Example:
-    >>> ds = load_mnist1d()  # doctest: +SKIP
-    >>> ds.x_train.shape  # doctest: +SKIP
+    >>> ds = load_mnist1d()
+    >>> ds.x_train.shape
     (4000, 40, 1)
   """
   from mnist1d.data import get_dataset_args, make_dataset  # pylint: disable=g-import-not-at-top
