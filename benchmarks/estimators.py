@@ -14,7 +14,12 @@ temporaries - aliased). Times are medians of
 interleaved repeats, reported as ratios to the gradient measured alongside.
 
 "x plain twin" compares a row with the same work at top level, unrolled,
-with plain HVPs (``jvp`` of ``grad_fn`` each time).
+with plain HVPs (``jvp`` of ``grad_fn`` each time). "slow-layout convs"
+counts the convolutions of the compiled program that XLA left in a
+non-canonical layout: on XLA:CPU those of the backward pass are rewritten to
+the canonical (fast, library-call) layout at top level but not inside a
+``lax.cond`` branch or a loop body, which is why control flow around HVPs
+costs about ten times more there.
 
 Usage::
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 import time
 
@@ -59,6 +65,26 @@ def build(batch_size: int, length: int, seed: int = 0):
     return jax.grad(lambda p: train_loss(p, batch_stats, x, y)[0])
 
   return params, batch_stats, x, y, v0, grad_fn_of
+
+
+def conv_layouts(compiled) -> tuple[int, int]:
+  """(convolutions XLA left in a non-canonical layout, all convolutions).
+
+  XLA:CPU runs a convolution as a fast library call only in its canonical
+  layout (batch first, features last, kernel ``...io``); its
+  canonicalisation rewrites the others at top level, so a count above zero
+  means some convolutions run through the slow generic emitter.
+  """
+  labels = re.findall(r"convolution\(.*?dim_labels=([^,\s]+)",
+                      compiled.as_text())
+
+  def canonical(label):
+    lhs, rest = label.split("_", 1)
+    kernel, out = rest.split("->")
+    return (lhs[0] == "b" and lhs[-1] == "f" and kernel.endswith("io")
+            and out[0] == "b" and out[-1] == "f")
+
+  return sum(not canonical(l) for l in labels), len(labels)
 
 
 def candidates(grad_fn_of):
@@ -164,7 +190,7 @@ def main(argv=None) -> int:
   grad_ms = timings["gradient"]["median_ms"]
   hvp_ms = timings["hvp"]["median_ms"]
   header = ("what", "ms", "x gradient", "per matvec, x gradient",
-            "x plain twin", "compile s", "MiB (XLA)")
+            "x plain twin", "compile s", "MiB (XLA)", "slow-layout convs")
   rows, results = [], {}
   for name, (_, matvecs, what) in specs.items():
     ms = timings[name]["median_ms"]
@@ -184,14 +210,17 @@ def main(argv=None) -> int:
     mem_bytes = (None if mem is None else
                  mem.argument_size_in_bytes + mem.output_size_in_bytes
                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    slow, convs = conv_layouts(compiled[name])
     rows.append((name, ms, ms / grad_ms, per_matvec, vs_top, compile_s[name],
-                 None if mem_bytes is None else mem_bytes / 2**20))
+                 None if mem_bytes is None else mem_bytes / 2**20,
+                 f"{slow}/{convs}"))
     results[name] = {
         "description": what, "matvecs": matvecs,
         **timings[name], "ratio_to_gradient": ms / grad_ms,
         "per_matvec_ratio_to_gradient": per_matvec,
         "ratio_to_top_level_unrolled": vs_top,
-        "compile_s": compile_s[name], "memory_bytes_xla": mem_bytes}
+        "compile_s": compile_s[name], "memory_bytes_xla": mem_bytes,
+        "convolutions": convs, "non_canonical_convolutions": slow}
   print(_common.format_table(header, rows))
   print(f"gradient {grad_ms:.2f} ms, one HVP {hvp_ms / grad_ms:.2f} gradients; "
         f"load average at end {_common.load_average()}")

@@ -718,6 +718,7 @@ class Bench:
           f"{len(self.exe)} programs {self.compile_s:.0f} s", flush=True)
 
     cands = self.timed_candidates()
+    env["load_average_at_timing"] = _common.load_average()
     t0 = time.perf_counter()
     self.timings = _common.time_interleaved(
         {k: c[0] for k, c in cands.items()}, rounds=self.config["rounds"],
@@ -829,7 +830,8 @@ class Bench:
     if final:
       print(table)
       print("\n".join(lines))
-      print(f"# load average at end {env['load_average_at_end']}; timing "
+      print(f"# load average at timing {env['load_average_at_timing']}, at "
+            f"end {env['load_average_at_end']}; timing "
             f"{self.timing_s:.0f} s, quality {self.quality_s:.0f} s",
             flush=True)
     return {
