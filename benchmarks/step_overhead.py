@@ -28,8 +28,12 @@ Every step is the whole training step of the CLI's protocol
 decay 5e-4), jitted and compiled ahead of time. A variant's step time is the
 time of one refresh period (``update_every`` steps: one refresh, the rest
 plain) divided by ``update_every``; medians of interleaved repeats after
-warm-up (see ``_common.py``). Refresh cost in gradients =
-``update_every * (X-SAM step - X-SAM step without refresh) / gradient``.
+warm-up (see ``_common.py``). Refresh cost in gradients: for host-chosen
+rows ``(refresh step - step without refresh) / gradient``, each step timed
+alone; for ``lax.cond`` rows ``update_every * (X-SAM step - X-SAM step
+without refresh) / gradient``. "gradient" is a jitted ``value_and_grad`` of
+the training loss alone (like the anchors in XSAM.md, it times a little
+slower than a whole SGD step).
 
 Quality is measured separately (untimed) along one shared trajectory of
 ``--quality-steps`` steps from initialisation (the parameters of the default
@@ -754,8 +758,12 @@ class Bench:
       names = self.step_names[v.name]
       mem = max((memory.get(n, {}).get("total_bytes", 0)
                  for n in names.values()), default=0) or None
-      refresh_cost = (v.update_every * (step - plain) / grad
-                      if v.optimizer == "xsam" and plain else None)
+      if v.optimizer != "xsam" or not plain:
+        refresh_cost = None
+      elif "refresh" in names:  # Host-chosen: the refresh step, timed alone.
+        refresh_cost = (ms(names["refresh"]) - plain) / grad
+      else:  # lax.cond: what the period costs beyond its plain steps.
+        refresh_cost = v.update_every * (step - plain) / grad
       q = quality.get(v.name, {})
       results.append({
           "name": v.name.strip(), **v.settings(),
