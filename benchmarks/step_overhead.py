@@ -117,6 +117,7 @@ def variants(device: str) -> list[Variant]:
       x("  host-chosen refresh", mode="host"),
       x("  host, Lanczos 5", mode="host", method="lanczos"),
       x("  host, power 3", mode="host", num_iters=3),
+      x("  host, Lanczos 4", mode="host", method="lanczos", num_iters=4),
       x("  host, Lanczos 3", mode="host", method="lanczos", num_iters=3),
       x("  host, HVPs on 1/2 batch", mode="host", hvp_fraction=0.5),
       x("  host, HVPs on 1/4 batch", mode="host", hvp_fraction=0.25),
