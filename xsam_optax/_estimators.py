@@ -8,8 +8,9 @@ Loop construct: the iteration count is static and the loop is a
 ``lax.fori_loop``, fully unrolled by default when it has at most
 ``UNROLL_UP_TO`` iterations (the few products of an X-SAM refresh) and rolled
 beyond, where unrolling would make compile time grow with the count. On
-XLA:CPU, Hessian-vector products of a conv net inside a rolled loop ran
-several times slower than the same products unrolled (``benchmarks/
+XLA:CPU, Hessian-vector products of a conv net inside a rolled loop or a
+``lax.cond`` ran about 10x slower than the same products unrolled at top level
+(backward convolutions stay in a slow layout there) (``benchmarks/
 estimators.py`` measures it); ``unroll=True`` or ``False`` overrides.
 """
 
