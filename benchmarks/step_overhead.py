@@ -116,6 +116,7 @@ def variants(device: str) -> list[Variant]:
       x("X-SAM default: power 5, every 5, lax.cond"),
       x("  host-chosen refresh", mode="host"),
       x("  host, Lanczos 5", mode="host", method="lanczos"),
+      x("  host, power 4", mode="host", num_iters=4),
       x("  host, power 3", mode="host", num_iters=3),
       x("  host, Lanczos 4", mode="host", method="lanczos", num_iters=4),
       x("  host, Lanczos 3", mode="host", method="lanczos", num_iters=3),

@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.optimizers:
       spec = OPTIMIZERS[key]
       hyper = {"rho": args.rho, "alpha": spec.get("alpha", 0.2),
-               "update_every": args.update_every, "num_iters": args.num_iters}
+               "update_every": args.update_every, "num_iters": args.num_iters,
+               "method": "power"}  # the reference's estimator, not the default
       for seed in args.seeds:
         t0 = time.perf_counter()
         tx = loop.make_optimizer(

@@ -63,6 +63,8 @@ CONSTRUCTION_ERRORS = [
      "update_every", "2.5", "int"),
     ("xsam num_iters bool", lambda: xsam_optax.xsam(SGD, num_iters=True),
      "num_iters", "True", "int"),
+    ("xsam lanczos num_iters=1", lambda: xsam_optax.xsam(SGD, num_iters=1),
+     "num_iters", "1", "method='power'"),
     ("xsam seed<0", lambda: xsam_optax.xsam(SGD, seed=-1),
      "seed", "-1", ">= 0"),
     ("sam_ascent adaptive", lambda: xsam_optax.sam_ascent(adaptive="yes"),
@@ -108,6 +110,30 @@ def test_estimators_validate_before_any_product(call, name, value, allowed):
   message = str(info.value)
   assert message.startswith(name + " ") and value in message, message
   assert allowed in message, message
+
+
+@pytest.mark.parametrize("step, update_every, name, value", [
+    (-1, 5, "step", "-1"),
+    (2.0, 5, "step", "2.0"),
+    (True, 5, "step", "True"),
+    (np.zeros(2, np.int32), 5, "step", "array"),
+    (3, 0, "update_every", "0"),
+])
+def test_refresh_due_names_the_bad_argument(step, update_every, name, value):
+  with pytest.raises(ValueError) as info:
+    xsam_optax.refresh_due(step, update_every)
+  message = str(info.value)
+  assert message.startswith(name + " ") and value in message, message
+
+
+def test_refresh_due_inside_jit_points_to_the_in_graph_schedule():
+  with pytest.raises(ValueError, match="refresh=None"):
+    jax.jit(lambda step: xsam_optax.refresh_due(step, 5))(3)
+
+
+def test_refresh_due_accepts_host_integers():
+  assert xsam_optax.refresh_due(np.int64(10), 5) is True
+  assert xsam_optax.refresh_due(np.asarray(7), 5) is False
 
 
 def test_array_for_a_static_setting_says_how_to_inject():

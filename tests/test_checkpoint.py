@@ -31,7 +31,8 @@ def make_run(seed=0):
   x = jnp.asarray(rng.normal(size=(64, 3)).astype(np.float32))
   y = jnp.asarray(np.tanh(np.asarray(x) @ [1.0, -2.0, 0.5]).astype(np.float32))
   tx = xsam_optax.xsam(optax.sgd(0.05, momentum=0.9), rho=0.05, alpha=0.3,
-                       update_every=2, num_iters=1, seed=seed)
+                       update_every=2, num_iters=1, method="power",
+                       seed=seed)
 
   def loss_fn(p, idx):
     h = jnp.tanh(x[idx] @ p["w1"] + p["b1"])

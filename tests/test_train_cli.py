@@ -118,7 +118,8 @@ def test_train_step_compiles_once_per_variant():
   x = jnp.ones((8, 4, 4, 1))
   y = jnp.arange(8) % 3
   model = models.make_model("mlp", num_classes=3)
-  tx = loop.make_optimizer("xsam", learning_rate=0.1, update_every=2, num_iters=1)
+  tx = loop.make_optimizer("xsam", learning_rate=0.1, update_every=2, num_iters=1,
+                           method="power")
   state = loop.init_state(model, tx, x, seed=0)
   step = jax.jit(loop.make_train_step(model, tx), static_argnames="refresh")
   for i in range(4):
@@ -134,6 +135,19 @@ def test_config_states_what_xsam_hands_the_base_optimizer():
   default = cli._run_config(cli.parse_args([]), "xsam")  # pylint: disable=protected-access
   assert default["normalize"] is True and "unit norm" in default["gradient_given_to_base"]
   assert "raw" in cli._run_config(args, "sgd")["gradient_given_to_base"]  # pylint: disable=protected-access
+
+
+def test_xsam_defaults_are_the_librarys():
+  """The CLI and make_optimizer run X-SAM at the library's defaults."""
+  import inspect
+  import xsam_optax
+  library = inspect.signature(xsam_optax.xsam).parameters
+  helper = inspect.signature(loop.make_optimizer).parameters
+  args = cli.parse_args([])
+  for name in ("rho", "alpha", "update_every", "num_iters", "method", "normalize",
+               "sign_invariant"):
+    assert helper[name].default == library[name].default, name
+    assert getattr(args, name) == library[name].default, name
 
 
 @pytest.mark.parametrize("argv, message", [

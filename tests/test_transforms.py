@@ -128,6 +128,8 @@ def test_refresh_happens_exactly_every_update_every_steps(x64):
     previous = state
   assert refreshed == [0, 3, 6, 9]
   assert int(optax.tree.get(history[-1][1], "count")) == 10
+  # The host's copy of the schedule names the same steps.
+  assert [s for s in range(10) if xsam_optax.refresh_due(s, 3)] == refreshed
 
 
 def quadratic(sharp=10.0, flat_=1.0):
@@ -232,18 +234,49 @@ def test_adaptive_ascent_matches_asam_formula(x64):
                              rtol=1e-12)
 
 
+@pytest.mark.parametrize("update_every, has_cond", [(1, False), (2, True)])
+def test_only_a_real_schedule_compiles_a_cond(update_every, has_cond):
+  """Refreshing every step needs no lax.cond (slow on XLA:CPU); the
+  update_every=2 control shows the check can see one."""
+  params, loss, batch = mlp_problem(dtype=jnp.float32)
+  grad_fn = jax.grad(lambda p: loss(p, batch))
+  tx = xsam_optax.xsam(optax.sgd(0.05), update_every=update_every)
+  step = lambda p, s: tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+  text = jax.jit(step).lower(params, tx.init(params)).as_text()
+  assert ("stablehlo.case" in text or "stablehlo.if" in text) == has_cond
+
+
+def test_every_step_schedule_equals_host_refresh_every_step(x64):
+  params, loss, batch = mlp_problem()
+  grad_fn = jax.grad(lambda p: loss(p, batch))
+  tx = xsam_optax.xsam(optax.sgd(0.05), update_every=1, method="power",
+                       num_iters=1)
+  scheduled = host = params
+  s_scheduled = s_host = tx.init(params)
+  for _ in range(3):
+    u, s_scheduled = tx.update(grad_fn(scheduled), s_scheduled, scheduled,
+                               grad_fn=grad_fn)
+    scheduled = optax.apply_updates(scheduled, u)
+    u, s_host = tx.update(grad_fn(host), s_host, host, grad_fn=grad_fn,
+                          refresh=True)
+    host = optax.apply_updates(host, u)
+  np.testing.assert_array_equal(flat(scheduled), flat(host))
+  assert optax.tree.get(s_scheduled, "eigenvalue") != 0.0
+
+
 def test_host_chosen_refresh_equals_the_scheduled_one(x64):
   params, loss, batch = mlp_problem()
-  tx = xsam_optax.xsam(optax.sgd(0.05), update_every=2, num_iters=3)
-  scheduled, scheduled_state, _ = run(tx, params, loss, batch, steps=4)
+  tx = xsam_optax.xsam(optax.sgd(0.05), update_every=3, num_iters=3)
+  scheduled, scheduled_state, _ = run(tx, params, loss, batch, steps=7)
   state = tx.init(params)
   grad_fn = jax.grad(lambda p: loss(p, batch))
   step = jax.jit(lambda p, s, refresh: tx.update(
       grad_fn(p), s, p, grad_fn=grad_fn, refresh=refresh),
       static_argnames="refresh")
   host = params
-  for i in range(4):
-    updates, state = step(host, state, refresh=i % 2 == 0)
+  for i in range(7):
+    updates, state = step(host, state,
+                          refresh=xsam_optax.refresh_due(i, update_every=3))
     host = optax.apply_updates(host, updates)
   np.testing.assert_allclose(flat(host), flat(scheduled), rtol=1e-12)
   np.testing.assert_allclose(optax.tree.get(state, "eigenvalue"),

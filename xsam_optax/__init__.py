@@ -3,7 +3,8 @@
 Composable pieces (:func:`sam_ascent`, :func:`eigenvector_correction`), the
 estimators they use (:func:`hvp`, :func:`power_iteration`, :func:`lanczos`),
 Eigen-SAM's ascent (:func:`eigen_sam_ascent`), a micro-batch gradient
-(:func:`accumulated_grad_fn`) and two conveniences built only by chaining
+(:func:`accumulated_grad_fn`), the host's copy of the refresh schedule
+(:func:`refresh_due`) and two conveniences built only by chaining
 (:func:`sam`, :func:`xsam`).
 """
 
@@ -20,6 +21,7 @@ from xsam_optax._estimators import power_iteration
 from xsam_optax._hvp import hvp
 from xsam_optax._sam import SamAscentState
 from xsam_optax._sam import sam_ascent
+from xsam_optax._tracking import refresh_due
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,7 @@ __all__ = (
     "hvp",
     "lanczos",
     "power_iteration",
+    "refresh_due",
     "sam",
     "sam_ascent",
     "xsam",

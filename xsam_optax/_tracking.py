@@ -10,6 +10,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xsam_optax import _estimators
 from xsam_optax import _hvp
@@ -33,8 +34,50 @@ class Schedule(NamedTuple):
     _validation.check_int("update_every", self.update_every, minimum=1)
     _validation.check_int("num_iters", self.num_iters, minimum=1)
     _validation.check_choice("method", self.method, METHODS)
+    if self.method == "lanczos" and self.num_iters < 2:
+      raise ValueError(
+          f"num_iters must be >= 2 with method='lanczos', got "
+          f"{self.num_iters}: one product spans only the start vector, so "
+          "the eigenvector would never change. Use method='power' for "
+          "single-product refreshes.")
     _validation.check_axis_name("batch_axis_name", self.batch_axis_name)
     return self
+
+
+def refresh_due(step: int, update_every: int = 5) -> bool:
+  """Whether ``step`` is a refresh step: the host's copy of the schedule.
+
+  ``True`` at steps ``0, update_every, 2 * update_every, ...``: the steps on
+  which the transforms refresh when ``update`` gets no ``refresh`` (the state's
+  ``count`` is the step). Pass the result as ``refresh=`` (a Python bool) to
+  ``update`` inside a step jitted with ``static_argnames="refresh"``: the host
+  then picks one of two compiled steps, and neither contains a ``lax.cond``.
+  That is the fast way to run X-SAM: on XLA:CPU a refresh under ``lax.cond``
+  runs its convolutions about ten times slower (``benchmarks/``).
+
+  Examples:
+    >>> import xsam_optax
+    >>> [step for step in range(12) if xsam_optax.refresh_due(step, 5)]
+    [0, 5, 10]
+
+  Args:
+    step: the host's step counter, a non-negative Python or NumPy int (the
+      number of ``update`` calls before this one).
+    update_every: the transform's refresh period.
+
+  Returns:
+    A Python bool.
+  """
+  _validation.check_int("update_every", update_every, minimum=1)
+  if isinstance(step, jax.core.Tracer):
+    raise ValueError(
+        "refresh_due: step is traced (called inside jit); it is for the host "
+        "loop. Inside a jitted step, leave update's refresh=None to follow "
+        "the schedule under lax.cond.")
+  if isinstance(step, (np.ndarray, jax.Array)) and step.shape == ():
+    step = step.item()
+  _validation.check_int("step", step, minimum=0)
+  return int(step) % update_every == 0
 
 
 def initial_fields(params: PyTree, seed: int) -> dict[str, Any]:
@@ -90,8 +133,9 @@ def track(
   """The eigenvector, eigenvalue and residual to use at this step.
 
   ``refresh=None`` follows the schedule (``count % update_every == 0``,
-  under ``lax.cond``); a Python bool is the host's choice (no ``cond``); an
-  array is a traced choice (``lax.cond``). Hessian-vector products
+  under ``lax.cond`` unless ``update_every == 1``); a Python or NumPy bool is the host's choice (no
+  ``cond``, see :func:`refresh_due`); an array is a traced choice
+  (``lax.cond``). Hessian-vector products
   differentiate ``hvp_grad_fn`` when given (e.g. the gradient on a sub-batch),
   else ``grad_fn``.
   """
@@ -108,8 +152,10 @@ def track(
     _tree.check_same_structure(
         params, jax.eval_shape(hvp_grad_fn, params), what="hvp_grad_fn")
   if refresh is None:
-    refresh = state.count % schedule.update_every == 0
-  if isinstance(refresh, bool):
+    # Every step refreshes when update_every == 1: no lax.cond needed.
+    refresh = (True if schedule.update_every == 1
+               else state.count % schedule.update_every == 0)
+  if isinstance(refresh, (bool, np.bool_)):
     if refresh:
       return _refreshed(state, params, hvp_grad_fn, schedule)
     return _kept(state)

@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="X-SAM correction strength in [0, 2]; default %(default)s")
   add("--update-every", type=int, default=5,
       help="X-SAM eigenvector refresh period in steps; default %(default)s")
-  add("--num-iters", type=int, default=5,
+  add("--num-iters", type=int, default=4,
       help="X-SAM Hessian-vector products per refresh; default %(default)s")
-  add("--method", choices=("power", "lanczos"), default="power",
+  add("--method", choices=("power", "lanczos"), default="lanczos",
       help="X-SAM eigenvector estimator; default %(default)s")
   add("--no-normalize", dest="normalize", action="store_false",
       help="X-SAM: keep the SAM gradient's length instead of a unit direction")
