@@ -50,6 +50,21 @@ def scalar_dtype(tree: PyTree) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *jax.tree.leaves(tree))
 
 
+def _fixed_loop(num_iters: int, body, init, unroll: bool):
+  """``lax.fori_loop(0, num_iters, body, init)``; unrolled as a Python loop.
+
+  A Python loop leaves no loop or call in the program at all: XLA:CPU then
+  gives every convolution its fast layout, which it did not for a one-trip
+  ``fori_loop(..., unroll=True)``.
+  """
+  if not unroll:
+    return jax.lax.fori_loop(0, num_iters, body, init)
+  carry = init
+  for i in range(num_iters):
+    carry = body(i, carry)
+  return carry
+
+
 def _resolve_unroll(unroll: Optional[bool], num_iters: int) -> bool:
   if unroll is None:
     return num_iters <= UNROLL_UP_TO
@@ -143,9 +158,7 @@ def power_iteration(
       jnp.zeros((), bool),
   )
   if tol is None:
-    final = jax.lax.fori_loop(
-        0, num_iters, lambda _, c: step(c), init, unroll=unroll
-    )
+    final = _fixed_loop(num_iters, lambda _, c: step(c), init, unroll)
   else:
     final = jax.lax.while_loop(
         lambda c: (c[0] < num_iters) & ~c[4], step, init
@@ -257,9 +270,7 @@ def lanczos(
       jnp.zeros((), scalar),
       jnp.ones((), bool),
   )
-  basis, alphas, betas, live, *_ = jax.lax.fori_loop(
-      0, m, step, init, unroll=unroll
-  )
+  basis, alphas, betas, live, *_ = _fixed_loop(m, step, init, unroll)
 
   # Couplings to steps that did not run are dropped; the last live beta stays
   # for the residual. Dead steps get a diagonal below every live Ritz value
