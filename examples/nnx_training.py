@@ -108,7 +108,7 @@ def main(argv=None):
   parser.add_argument("--rho", type=float, default=0.05)
   parser.add_argument("--alpha", type=float, default=0.2)
   parser.add_argument("--update-every", type=int, default=5)
-  parser.add_argument("--num-iters", type=int, default=5)
+  parser.add_argument("--num-iters", type=int, default=4)
   parser.add_argument("--train-size", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
@@ -126,7 +126,8 @@ def main(argv=None):
     model.train()
     losses = []
     for idx in order[: steps_per_epoch * args.batch_size].reshape(steps_per_epoch, -1):
-      refresh = step % args.update_every == 0 if args.optimizer == "xsam" else None
+      refresh = (xsam_optax.refresh_due(step, args.update_every)
+                 if args.optimizer == "xsam" else None)
       loss, _ = train_step(model, optimizer, ds.x_train[idx], ds.y_train[idx], refresh=refresh)
       losses.append(loss)
       step += 1

@@ -47,9 +47,9 @@ def parse_args():
   parser.add_argument("--hidden", type=int, default=256)
   parser.add_argument("--classes", type=int, default=10)
   parser.add_argument("--update-every", type=int, default=5)
-  parser.add_argument("--num-iters", type=int, default=5)
+  parser.add_argument("--num-iters", type=int, default=4)
   parser.add_argument("--method", choices=("power", "lanczos"),
-                      default="power")
+                      default="lanczos")
   return parser.parse_args()
 
 

@@ -57,9 +57,9 @@ def parse_args():
                       help="size of the model axis (default: 4, 2 or 1, "
                       "whichever divides the device count)")
   parser.add_argument("--update-every", type=int, default=5)
-  parser.add_argument("--num-iters", type=int, default=5)
+  parser.add_argument("--num-iters", type=int, default=4)
   parser.add_argument("--method", choices=("power", "lanczos"),
-                      default="power")
+                      default="lanczos")
   parser.add_argument("--multi-host", action="store_true",
                       help="call jax.distributed.initialize() first")
   return parser.parse_args()

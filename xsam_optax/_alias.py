@@ -57,6 +57,9 @@ def xsam(
   ...), optimizer)``; see those two for the maths and the options.
   Diagnostics are read from the state by name:
   ``optax.tree.get(state, "eigenvalue")``, ``"cos_angle"``, ``"eigenvector"``.
+  For speed, let the training loop choose the refresh steps:
+  ``tx.update(..., refresh=xsam_optax.refresh_due(step, update_every))``
+  inside a step jitted with ``static_argnames="refresh"``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -76,7 +79,8 @@ def xsam(
     alpha: correction strength in ``[0, 2]``.
     update_every: eigenvector refresh period in steps.
     num_iters: Hessian-vector products per refresh.
-    method: ``"power"`` or ``"lanczos"``.
+    method: ``"lanczos"`` (default) or ``"power"`` (the reference's, with
+      ``num_iters=5``).
     sign_invariant: sign-invariant correction rule.
     normalize: drop the gradient magnitude before the base optimizer.
     adaptive: ASAM neighbourhood.

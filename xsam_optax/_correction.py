@@ -97,11 +97,21 @@ def eigenvector_correction(
   leaves earlier steps uncorrected; here the first refresh is at step 0, so
   no step is ever corrected along an unestimated random vector.
 
-  ``method="power"`` converges to the eigenvalue of largest *magnitude*
-  (possibly negative early in training); ``method="lanczos"`` to the
-  algebraically largest. Refreshes run under ``lax.cond`` on the step count;
-  pass ``refresh=True`` or ``refresh=False`` (Python bools) to ``update`` to
-  choose on the host instead and compile the two kinds of step separately.
+  **Defaults: Lanczos, 4 products.** ``method="lanczos"`` converges to the
+  algebraically largest eigenvalue, ``method="power"`` to the one of largest
+  *magnitude* (possibly negative early in training). On the training CLI's
+  conv net, 4 warm-started Lanczos products found the batch's top
+  eigenvector better than the reference's 5 power iterations (mean
+  :math:`|\cos(v, v^*)|` 0.82 vs 0.72) for 4/5 of their cost
+  (``benchmarks/step_overhead.py``). ``method="power", num_iters=5`` is the
+  reference's schedule.
+
+  **Choose refreshes on the host.** Without ``refresh``, ``update`` refreshes
+  under ``lax.cond`` on the step count, which on XLA:CPU runs the
+  Hessian-vector products' convolutions about ten times slower. Pass
+  ``refresh=xsam_optax.refresh_due(step, update_every)`` (a Python bool) from
+  the training loop to a step jitted with ``static_argnames="refresh"``: the
+  two kinds of step compile separately and neither has a ``cond``.
 
   **Cheaper refreshes.** ``update`` accepts an optional ``hvp_grad_fn``: the
   Hessian-vector products of a refresh then differentiate it instead of
@@ -127,8 +137,9 @@ def eigenvector_correction(
   Args:
     alpha: correction strength in ``[0, 2]``; 0 only normalises.
     update_every: refresh period in steps (``>= 1``).
-    num_iters: Hessian-vector products per refresh (``>= 1``).
-    method: ``"power"`` or ``"lanczos"``.
+    num_iters: Hessian-vector products per refresh (``>= 1``; ``>= 2`` for
+      Lanczos).
+    method: ``"lanczos"`` or ``"power"``.
     sign_invariant: use the sign-invariant rule instead of the reference one.
     normalize: drop the gradient's magnitude, as the reference does.
     seed: seed of the initial random eigenvector.

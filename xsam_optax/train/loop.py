@@ -372,7 +372,8 @@ def run_training(
     history = []
     t0 = time.perf_counter()
     for idx in batches:
-      refresh = None if refresh_every is None else global_step % refresh_every == 0
+      refresh = (None if refresh_every is None
+                 else xsam_optax.refresh_due(global_step, refresh_every))
       state, metrics = steps[refresh](state, x_train[idx], y_train[idx])
       global_step += 1
       history.append(metrics)
