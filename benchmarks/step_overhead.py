@@ -88,7 +88,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 

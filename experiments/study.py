@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
-  from xsam_optax.train import data as data_lib  # pylint: disable=g-import-not-at-top
   from xsam_optax.train import loop  # pylint: disable=g-import-not-at-top
-  from xsam_optax.train import models  # pylint: disable=g-import-not-at-top
 
   if args.cache_dir:
     # run_training compiles its step per call; the persistent cache turns the
@@ -173,13 +171,12 @@ def main(argv: list[str] | None = None) -> int:
                  "machine": platform.machine()}
 
   for dataset_name in args.datasets:
-    dataset = data_lib.load_dataset(dataset_name, train_size=args.train_size)
-    model = models.make_model(args.model, num_classes=dataset.num_classes)
-    steps_per_epoch = len(dataset.x_train) // args.batch_size
-    total_steps = steps_per_epoch * args.epochs
-    schedule = optax.cosine_decay_schedule(args.lr, decay_steps=total_steps)
-    eval_x = jnp.asarray(dataset.x_train[: args.eval_batch_size])
-    eval_y = jnp.asarray(dataset.y_train[: args.eval_batch_size])
+    protocol = loop.make_protocol(
+        dataset_name, args.model, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
+        eval_batch_size=args.eval_batch_size, train_size=args.train_size)
+    dataset, model, schedule = protocol.dataset, protocol.model, protocol.schedule
+    steps_per_epoch, total_steps = protocol.steps_per_epoch, protocol.total_steps
+    eval_x, eval_y = protocol.eval_x, protocol.eval_y
     eval_fn = jax.jit(loop.make_eval_fn(model))
     # The per-epoch curve uses run_training's own (cheaper) measurement; the
     # reported final numbers come from `measure` below.

@@ -157,17 +157,15 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   # Heavy imports after parsing so that --help and bad flags answer at once.
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-  dataset = data_lib.load_dataset(args.dataset, train_size=args.train_size)
-  model = models.make_model(args.model, num_classes=dataset.num_classes)
-  steps_per_epoch = len(dataset.x_train) // args.batch_size
-  total_steps = steps_per_epoch * args.epochs
-  schedule = optax.cosine_decay_schedule(args.lr, decay_steps=total_steps)
-  eval_x = jnp.asarray(dataset.x_train[: args.eval_batch_size])
-  eval_y = jnp.asarray(dataset.y_train[: args.eval_batch_size])
+  protocol = loop.make_protocol(
+      args.dataset, args.model, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
+      eval_batch_size=args.eval_batch_size, train_size=args.train_size)
+  dataset, model, schedule = protocol.dataset, protocol.model, protocol.schedule
+  steps_per_epoch, total_steps = protocol.steps_per_epoch, protocol.total_steps
+  eval_x, eval_y = protocol.eval_x, protocol.eval_y
   # Shared across optimizers, so compiled once.
   variables = loop.init_variables(model, dataset.x_train[: args.batch_size], seed=args.seed)
   eval_fn = jax.jit(loop.make_eval_fn(model))

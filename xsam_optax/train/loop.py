@@ -42,6 +42,8 @@ import numpy as np
 import optax
 
 import xsam_optax
+from xsam_optax.train import data as data_lib
+from xsam_optax.train import models
 
 PyTree = Any
 OPTIMIZERS = ("sgd", "sam", "xsam")
@@ -282,6 +284,40 @@ def make_optimizer(
         base)
   raise ValueError(
       f"optimizer must be one of {OPTIMIZERS + EXTRA_OPTIMIZERS}, got {name!r}")
+
+
+class Protocol(NamedTuple):
+  """What every optimizer of one comparison shares (see the module notes)."""
+
+  dataset: data_lib.Dataset
+  model: Any
+  steps_per_epoch: int
+  total_steps: int
+  schedule: optax.Schedule
+  eval_x: jax.Array  # the fixed batch of the eigenvalue measurement
+  eval_y: jax.Array
+
+
+def make_protocol(dataset_name: str, model_name: str, *, batch_size: int, epochs: int,
+                  lr: float, eval_batch_size: int, train_size: int | None = None) -> Protocol:
+  """Data, model, cosine schedule over all steps and evaluation batch.
+
+  Example:
+    >>> p = make_protocol("digits", "mlp", batch_size=64, epochs=2, lr=0.1,
+    ...                   eval_batch_size=32)
+    >>> p.steps_per_epoch, p.total_steps, p.eval_x.shape[0]
+    (21, 42, 32)
+  """
+  dataset = data_lib.load_dataset(dataset_name, train_size=train_size)
+  model = models.make_model(model_name, num_classes=dataset.num_classes)
+  steps_per_epoch = len(dataset.x_train) // batch_size
+  total_steps = steps_per_epoch * epochs
+  return Protocol(
+      dataset=dataset, model=model, steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
+      schedule=optax.cosine_decay_schedule(lr, decay_steps=total_steps),
+      eval_x=jnp.asarray(dataset.x_train[:eval_batch_size]),
+      eval_y=jnp.asarray(dataset.y_train[:eval_batch_size]))
 
 
 def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int) -> np.ndarray:
