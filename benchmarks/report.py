@@ -59,7 +59,7 @@ def step_section(d) -> str:
   gn = d.get("gauss_newton")
   if gn and "warm_mean" in gn:
     lines.append(
-        f"A Gauss-Newton product (not offered) costs "
+        f"A Gauss-Newton product (`gauss_newton_fn`) costs "
         f"{gn['matvec_gradients']:.2f} gradients; its converged top "
         f"eigenvector has median |cos| "
         f"{sorted(gn['converged_gn_vs_hessian'])[len(gn['converged_gn_vs_hessian']) // 2]:.2f} "

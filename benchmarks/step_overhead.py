@@ -23,8 +23,10 @@ steps, are the first X-SAM row):
 * one power step on every step (``update_every=1``: no ``lax.cond``, the
   product spread over the steps instead of bunched in one);
 * refresh every 5 and every 3 steps;
-* (not a transform option) a **Gauss-Newton** product instead of the HVP:
-  its cost, and how well its top eigenvector matches the Hessian's.
+* a **Gauss-Newton** product instead of the HVP (``curvature_fn=
+  xsam_optax.gauss_newton_fn(logits, cross-entropy)``); separately, one
+  product's cost and how well G's converged top eigenvector matches the
+  Hessian's.
 
 Every step is the whole training step of the CLI's protocol
 (``xsam_optax.train.loop``: clean ``value_and_grad``, ``tx.update`` with
@@ -104,11 +106,12 @@ class Variant:
   num_iters: int = 4
   update_every: int = 5
   hvp_fraction: float = 1.0
+  curvature: str = "hessian"  # hessian | gauss-newton (curvature_fn)
 
   @property
   def refresh_key(self) -> tuple:
     """What a host-chosen refresh step depends on (not the period)."""
-    return (self.method, self.num_iters, self.hvp_fraction)
+    return (self.method, self.num_iters, self.hvp_fraction, self.curvature)
 
   def settings(self) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
@@ -127,6 +130,10 @@ def variants(device: str) -> list[Variant]:
       x("  host, Lanczos 4, HVPs on 1/4 batch", mode="host", hvp_fraction=0.25),
       x("  host, Lanczos 3, HVPs on 1/4 batch", mode="host", num_iters=3,
         hvp_fraction=0.25),
+      x("  host, Gauss-Newton, Lanczos 4", mode="host",
+        curvature="gauss-newton"),
+      x("  host, Gauss-Newton, Lanczos 3", mode="host", num_iters=3,
+        curvature="gauss-newton"),
       x("reference schedule (power 5, every 5), lax.cond", method="power",
         num_iters=5),
       x("  host-chosen refresh", mode="host", method="power", num_iters=5),
@@ -152,6 +159,7 @@ def variants(device: str) -> list[Variant]:
 
 QUALITY_EVERY = 5  # scoring period of rows that refresh every step
 GPU_SKIPS = ("host, power 4", "host, power 3",
+             "host, Gauss-Newton, Lanczos 3",
              "host, power 5, HVPs on 1/4 batch",
              "every 3, host, Lanczos 3, HVPs on 1/4 batch")
 
@@ -332,26 +340,23 @@ def _lanczos_orthogonalise(basis, w, q, q_prev, beta_prev):
   return _oracle_helpers()[1](basis, w, q, q_prev, beta_prev)
 
 
-def gauss_newton_matvec(model, params, batch_stats, x, y, v):
-  r"""``G v`` for the mean cross-entropy of the training-mode logits.
-
-  :math:`G = J^\top H_z J` with :math:`J` the Jacobian of the logits and
-  :math:`H_z = (\mathrm{diag}(p) - p p^\top)/B` per example: one ``jvp``
-  of the logits, then one ``vjp``; positive semi-definite.
-  """
-  import jax
-  import jax.numpy as jnp
+def gauss_newton_product(model, batch_stats, x, y):
+  """``xsam_optax.gauss_newton_fn`` of the training-mode logits and the mean
+  cross-entropy: ``(params, v) -> G v``, positive semi-definite."""
+  import xsam_optax
+  from xsam_optax.train import loop
 
   def logits_fn(p):
     return model.apply({"params": p, "batch_stats": batch_stats}, x,
                        train=True, mutable=["batch_stats"])[0]
 
-  z, jv = jax.jvp(logits_fn, (params,), (v,))
-  prob = jax.nn.softmax(z)
-  hjv = (prob * jv - prob * jnp.sum(prob * jv, -1, keepdims=True)) / z.shape[0]
-  _, vjp = jax.vjp(logits_fn, params)
-  del y  # G of the cross-entropy does not depend on the labels.
-  return vjp(hjv.astype(z.dtype))[0]
+  return xsam_optax.gauss_newton_fn(
+      logits_fn, lambda z: loop.cross_entropy(z, y))
+
+
+def gauss_newton_matvec(model, params, batch_stats, x, y, v):
+  """``G v`` at ``params`` (see ``gauss_newton_product``)."""
+  return gauss_newton_product(model, batch_stats, x, y)(params, v)
 
 
 # ----------------------------------------------------------------------------
@@ -374,8 +379,9 @@ class Bench:
                 method=v.method)
     return loop.make_optimizer(v.optimizer, **kw)
 
-  def _step_fn(self, tx, hvp_fraction: float):
-    """``loop.make_train_step`` plus ``hvp_grad_fn`` on a leading sub-batch."""
+  def _step_fn(self, tx, hvp_fraction: float, curvature: str = "hessian"):
+    """``loop.make_train_step`` plus ``hvp_grad_fn`` on a leading sub-batch
+    or a Gauss-Newton ``curvature_fn``."""
     import jax
     import optax
     from xsam_optax.train import loop
@@ -389,6 +395,9 @@ class Bench:
           loss_fn, has_aux=True)(state.params, state.batch_stats, x, y)
       grad_fn = loop.make_grad_fn(model, state.batch_stats, x, y)
       extra = {} if refresh is None else {"refresh": refresh}
+      if curvature == "gauss-newton":
+        extra["curvature_fn"] = gauss_newton_product(
+            model, state.batch_stats, x, y)
       if hvp_fraction < 1.0:
         n = max(2, int(round(hvp_fraction * x.shape[0])))
         extra["hvp_grad_fn"] = loop.make_grad_fn(
@@ -454,11 +463,11 @@ class Bench:
       tx = self._optimizer(v)
       if v.optimizer != "xsam" or v.mode == "cond":
         name = f"step {v.name}"
-        fn = jax.jit(self._step_fn(tx, v.hvp_fraction))
+        fn = jax.jit(self._step_fn(tx, v.hvp_fraction, v.curvature))
         lowered[name] = fn.lower(*sample(v))
         self.step_names[v.name] = {"step": name}
       else:
-        fn = jax.jit(self._step_fn(tx, v.hvp_fraction),
+        fn = jax.jit(self._step_fn(tx, v.hvp_fraction, v.curvature),
                      static_argnames="refresh")
         plain = "xsam plain step"
         if plain not in lowered:
@@ -847,7 +856,7 @@ class Bench:
     gn_quality = quality.get("gauss-newton power 5, every 5")
     if "gn 1" in timings:
       gauss_newton = {"matvec_gradients": ms("gn 1") / grad, **(gn_quality or {})}
-      line = (f"Gauss-Newton (measured here, not a transform option): one "
+      line = (f"Gauss-Newton (xsam_optax.gauss_newton_fn): one "
               f"product {gauss_newton['matvec_gradients']:.2f} gradients")
       if gn_quality:
         line += (

@@ -118,7 +118,10 @@ def eigenvector_correction(
   ``grad_fn``, e.g. the gradient of the loss on a quarter of the mini-batch
   (about half the cost per product; ``benchmarks/step_overhead.py`` reports
   the price in eigenvector quality). The SAM ascent and the correction still
-  use ``grad_fn`` and the incoming gradient.
+  use ``grad_fn`` and the incoming gradient. Or pass ``curvature_fn``, a
+  function ``(params, v) -> product`` used instead of the Hessian, e.g.
+  :func:`gauss_newton_fn` (positive semi-definite, about 2/3 of the cost per
+  product).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -149,7 +152,7 @@ def eigenvector_correction(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` needs
     ``params`` and the keyword argument ``grad_fn``, and accepts optional
-    ``refresh`` and ``hvp_grad_fn``.
+    ``refresh``, ``hvp_grad_fn`` and ``curvature_fn``.
 
   References:
     Duan, Chen and Guan, `X-SAM: Boosting Sharpness-Aware Minimization with
@@ -167,11 +170,12 @@ def eigenvector_correction(
     return EigenvectorCorrectionState(**_tracking.initial_fields(params, seed))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, refresh=None,
-                hvp_grad_fn=None, **extra_args):
+                hvp_grad_fn=None, curvature_fn=None, **extra_args):
     del extra_args
     eigenvector, eigenvalue, residual = _tracking.track(
         state, params, grad_fn, schedule, refresh,
-        owner="eigenvector_correction", hvp_grad_fn=hvp_grad_fn)
+        owner="eigenvector_correction", hvp_grad_fn=hvp_grad_fn,
+        curvature_fn=curvature_fn)
     corrected, cos = correct(updates, eigenvector, alpha,
                              sign_invariant=sign_invariant,
                              normalize=normalize)

@@ -78,8 +78,8 @@ def eigen_sam_ascent(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` needing ``params`` and
-    ``grad_fn``; ``update`` accepts ``refresh`` and ``hvp_grad_fn`` like
-    :func:`eigenvector_correction`.
+    ``grad_fn``; ``update`` accepts ``refresh``, ``hvp_grad_fn`` and
+    ``curvature_fn`` like :func:`eigenvector_correction`.
 
   References:
     Luo et al., `Explicit Eigenvalue Regularization Improves Sharpness-Aware
@@ -95,11 +95,11 @@ def eigen_sam_ascent(
     return EigenSamState(**_tracking.initial_fields(params, seed))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, refresh=None,
-                hvp_grad_fn=None, **extra_args):
+                hvp_grad_fn=None, curvature_fn=None, **extra_args):
     del extra_args
     eigenvector, eigenvalue, residual = _tracking.track(
         state, params, grad_fn, schedule, refresh, owner="eigen_sam_ascent",
-        hvp_grad_fn=hvp_grad_fn)
+        hvp_grad_fn=hvp_grad_fn, curvature_fn=curvature_fn)
     unit, _ = _tree.safe_normalize(updates)
     cos = _tree.vdot(unit, eigenvector).astype(state.cos_angle.dtype)
     perpendicular = _tree.add_scaled(eigenvector, -cos, unit)

@@ -6,6 +6,7 @@ cos_angle`` in their state and refresh the eigenvector on a schedule.
 """
 
 from collections.abc import Callable
+import functools
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -94,9 +95,8 @@ def initial_fields(params: PyTree, seed: int) -> dict[str, Any]:
   )
 
 
-def _refreshed(state, params, grad_fn, schedule: Schedule):
-  matvec = lambda v: _sam.batch_mean(_hvp.hvp(grad_fn, params, v),
-                                     schedule.batch_axis_name)
+def _refreshed(state, product, schedule: Schedule):
+  matvec = lambda v: _sam.batch_mean(product(v), schedule.batch_axis_name)
   if schedule.method == "power":
     result = _estimators.power_iteration(
         matvec, state.eigenvector, num_iters=schedule.num_iters)
@@ -129,38 +129,55 @@ def track(
     *,
     owner: str,
     hvp_grad_fn: Optional[Callable[[PyTree], PyTree]] = None,
+    curvature_fn: Optional[Callable[[PyTree, PyTree], PyTree]] = None,
 ) -> tuple[PyTree, jax.Array, jax.Array]:
   """The eigenvector, eigenvalue and residual to use at this step.
 
   ``refresh=None`` follows the schedule (``count % update_every == 0``,
-  under ``lax.cond`` unless ``update_every == 1``); a Python or NumPy bool is the host's choice (no
-  ``cond``, see :func:`refresh_due`); an array is a traced choice
-  (``lax.cond``). Hessian-vector products
-  differentiate ``hvp_grad_fn`` when given (e.g. the gradient on a sub-batch),
-  else ``grad_fn``.
+  under ``lax.cond`` unless ``update_every == 1``); a Python or NumPy bool
+  is the host's choice (no ``cond``, see :func:`refresh_due`); an array is a
+  traced choice (``lax.cond``). A refresh multiplies by the Hessian of
+  ``hvp_grad_fn`` when given (e.g. the gradient on a sub-batch), else of
+  ``grad_fn``; or calls ``curvature_fn(params, v)`` when given (e.g.
+  :func:`gauss_newton_fn`).
   """
   _sam.require_grad_fn(grad_fn, params, owner=owner)
   _tree.check_same_structure(
       params, jax.eval_shape(grad_fn, params), what="grad_fn")
-  if hvp_grad_fn is None:
-    hvp_grad_fn = grad_fn
+  if hvp_grad_fn is not None and curvature_fn is not None:
+    raise ValueError(
+        f"{owner}: pass hvp_grad_fn or curvature_fn, not both: both say what "
+        "a refresh multiplies by.")
+  if curvature_fn is not None:
+    if not callable(curvature_fn):
+      raise ValueError(
+          f"{owner}: curvature_fn must be callable ((params, v) -> product "
+          f"pytree) or None, got {curvature_fn!r}.")
+    _tree.check_same_structure(
+        params, jax.eval_shape(curvature_fn, params, params),
+        what="curvature_fn")
+    product = lambda v: curvature_fn(params, v)
   else:
-    if not callable(hvp_grad_fn):
+    if hvp_grad_fn is None:
+      hvp_grad_fn = grad_fn
+    elif not callable(hvp_grad_fn):
       raise ValueError(
           f"{owner}: hvp_grad_fn must be callable (params -> gradient "
           f"pytree) or None, got {hvp_grad_fn!r}.")
-    _tree.check_same_structure(
-        params, jax.eval_shape(hvp_grad_fn, params), what="hvp_grad_fn")
+    else:
+      _tree.check_same_structure(
+          params, jax.eval_shape(hvp_grad_fn, params), what="hvp_grad_fn")
+    product = functools.partial(_hvp.hvp, hvp_grad_fn, params)
   if refresh is None:
     # Every step refreshes when update_every == 1: no lax.cond needed.
     refresh = (True if schedule.update_every == 1
                else state.count % schedule.update_every == 0)
   if isinstance(refresh, (bool, np.bool_)):
     if refresh:
-      return _refreshed(state, params, hvp_grad_fn, schedule)
+      return _refreshed(state, product, schedule)
     return _kept(state)
   return jax.lax.cond(
       refresh,
-      lambda s: _refreshed(s, params, hvp_grad_fn, schedule),
+      lambda s: _refreshed(s, product, schedule),
       _kept,
       state)
