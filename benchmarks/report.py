@@ -41,21 +41,32 @@ def step_section(d) -> str:
           f"`{d.get('command', 'python benchmarks/step_overhead.py')}`"
           f"{'' if d.get('complete', True) else ' (timings only)'}\n")
   rows = []
+  sam_bytes = next(r["memory_total_bytes"] for r in d["rows"]
+                   if r["name"] == "SAM")
   for r in d["rows"]:
     q = r.get("quality_warm_mean")
     q2 = r.get("quality_second_half_mean")
-    rows.append((r["name"], r["step_ms"], r["ratio_to_sam"],
+    # Host-chosen rows vary the lax.cond row above them.
+    name = ("↳ " + r["name"]) if r.get("mode") == "host" else r["name"]
+    extra = r.get("memory_total_bytes")
+    extra = None if extra is None or r["optimizer"] != "xsam" else (
+        (extra - sam_bytes) / cfg["param_bytes"])
+    rows.append((name, r["step_ms"], r["ratio_to_sam"],
                  r.get("refresh_cost_gradients"),
                  None if q is None else
-                 f"{q:.2f} / {'-' if q2 is None else f'{q2:.2f}'}"))
+                 f"{q:.2f} / {'-' if q2 is None else f'{q2:.2f}'}",
+                 None if extra is None else f"{extra:.0f}"))
   table = _common.format_table(
       ("variant", "step ms", "x SAM", "refresh, gradients",
-       "|cos(v,v*)| warm / 2nd half"), rows)
+       "|cos(v,v*)| warm / 2nd half", "memory - SAM's, x params"), rows)
   lines = [head, table, ""]
   lines.append(
       f"One HVP costs {d['hvp_full_batch_gradients']:.2f} gradients on the "
       f"full batch, {d['hvp_quarter_batch_gradients']:.2f} on a quarter; "
-      f"a SAM step {d['sam_ms'] / d['gradient_ms']:.2f} gradients.")
+      f"a SAM step {d['sam_ms'] / d['gradient_ms']:.2f} gradients. Memory: "
+      f"XLA's accounting of the compiled step (the refresh step for "
+      f"host-chosen rows) minus SAM's step, in units of the parameters' "
+      f"size ({cfg['param_bytes'] / 2**20:.2g} MiB).")
   gn = d.get("gauss_newton")
   if gn and "warm_mean" in gn:
     lines.append(
