@@ -7,6 +7,7 @@ cos_angle`` in their state and refresh the eigenvector on a schedule.
 
 from collections.abc import Callable
 import functools
+import numbers
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -70,14 +71,21 @@ def refresh_due(step: int, update_every: int = 5) -> bool:
     A Python bool.
   """
   _validation.check_int("update_every", update_every, minimum=1)
-  if isinstance(step, jax.core.Tracer):
-    raise ValueError(
-        "refresh_due: step is traced (called inside jit); it is for the host "
-        "loop. Inside a jitted step, leave update's refresh=None to follow "
-        "the schedule under lax.cond.")
-  if isinstance(step, (np.ndarray, jax.Array)) and step.shape == ():
+  if isinstance(step, jax.Array):
+    try:
+      step = np.asarray(step)
+    except jax.errors.TracerArrayConversionError:
+      raise ValueError(
+          "refresh_due: step is traced (called inside jit); it is for the "
+          "host loop. Inside a jitted step, leave update's refresh=None to "
+          "follow the schedule under lax.cond.") from None
+  if isinstance(step, np.ndarray) and step.shape == ():
     step = step.item()
-  _validation.check_int("step", step, minimum=0)
+  if (isinstance(step, bool) or not isinstance(step, numbers.Integral)
+      or step < 0):
+    raise ValueError(
+        f"step must be a non-negative int (the host's step counter), got "
+        f"{step!r}.")
   return int(step) % update_every == 0
 
 
