@@ -340,23 +340,11 @@ def _lanczos_orthogonalise(basis, w, q, q_prev, beta_prev):
   return _oracle_helpers()[1](basis, w, q, q_prev, beta_prev)
 
 
-def gauss_newton_product(model, batch_stats, x, y):
-  """``xsam_optax.gauss_newton_fn`` of the training-mode logits and the mean
-  cross-entropy: ``(params, v) -> G v``, positive semi-definite."""
-  import xsam_optax
-  from xsam_optax.train import loop
-
-  def logits_fn(p):
-    return model.apply({"params": p, "batch_stats": batch_stats}, x,
-                       train=True, mutable=["batch_stats"])[0]
-
-  return xsam_optax.gauss_newton_fn(
-      logits_fn, lambda z: loop.cross_entropy(z, y))
-
-
 def gauss_newton_matvec(model, params, batch_stats, x, y, v):
-  """``G v`` at ``params`` (see ``gauss_newton_product``)."""
-  return gauss_newton_product(model, batch_stats, x, y)(params, v)
+  """``G v`` at ``params`` (``loop.make_gauss_newton_fn``: training-mode logits,
+  mean cross-entropy; positive semi-definite)."""
+  from xsam_optax.train import loop
+  return loop.make_gauss_newton_fn(model, batch_stats, x, y)(params, v)
 
 
 # ----------------------------------------------------------------------------
@@ -396,7 +384,7 @@ class Bench:
       grad_fn = loop.make_grad_fn(model, state.batch_stats, x, y)
       extra = {} if refresh is None else {"refresh": refresh}
       if curvature == "gauss-newton":
-        extra["curvature_fn"] = gauss_newton_product(
+        extra["curvature_fn"] = loop.make_gauss_newton_fn(
             model, state.batch_stats, x, y)
       if hvp_fraction < 1.0:
         n = max(2, int(round(hvp_fraction * x.shape[0])))

@@ -127,6 +127,36 @@ def test_train_step_compiles_once_per_variant():
   assert step._cache_size() == 2  # pylint: disable=protected-access
 
 
+def test_gauss_newton_curvature_reaches_the_refresh():
+  """--curvature gauss-newton: the step's refresh equals one built by hand
+  from xsam_optax.gauss_newton_fn of the model's logits, and differs from the
+  Hessian refresh."""
+  import optax
+  import xsam_optax
+  x = jax.random.normal(jax.random.key(0), (16, 4, 4, 1))
+  y = jnp.arange(16) % 3
+  model = models.make_model("mlp", num_classes=3)
+  tx = loop.make_optimizer("xsam", learning_rate=0.1, num_iters=6)
+  state = loop.init_state(model, tx, x, seed=0)
+  eigenvector = lambda s: optax.tree.get(s.opt_state, "eigenvector")
+  gn_state, _ = jax.jit(loop.make_train_step(model, tx, curvature="gauss-newton"),
+                        static_argnames="refresh")(state, x, y, refresh=True)
+  hessian_state, _ = jax.jit(loop.make_train_step(model, tx),
+                             static_argnames="refresh")(state, x, y, refresh=True)
+
+  logits = lambda p: model.apply({"params": p}, x, train=True)
+  ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+  grad_fn = jax.grad(lambda p: ce(logits(p)))
+  _, by_hand = tx.update(grad_fn(state.params), state.opt_state, state.params,
+                         grad_fn=grad_fn, refresh=True,
+                         curvature_fn=xsam_optax.gauss_newton_fn(logits, ce))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               eigenvector(gn_state), optax.tree.get(by_hand, "eigenvector"))
+  difference = jax.tree.map(lambda a, b: jnp.abs(a - b).max(),
+                            eigenvector(gn_state), eigenvector(hessian_state))
+  assert max(jax.tree.leaves(difference)) > 1e-3
+
+
 def test_config_states_what_xsam_hands_the_base_optimizer():
   args = cli.parse_args(["--no-normalize", "--sign-invariant", "--alpha", "0.5"])
   config = cli._run_config(args, "xsam")  # pylint: disable=protected-access
@@ -134,6 +164,9 @@ def test_config_states_what_xsam_hands_the_base_optimizer():
   assert config["alpha"] == 0.5 and "length kept" in config["gradient_given_to_base"]
   default = cli._run_config(cli.parse_args([]), "xsam")  # pylint: disable=protected-access
   assert default["normalize"] is True and "unit norm" in default["gradient_given_to_base"]
+  assert default["curvature"] == "hessian"
+  gauss_newton = cli._run_config(cli.parse_args(["--curvature", "gauss-newton"]), "xsam")  # pylint: disable=protected-access
+  assert gauss_newton["curvature"] == "gauss-newton"
   assert "raw" in cli._run_config(args, "sgd")["gradient_given_to_base"]  # pylint: disable=protected-access
 
 
@@ -159,6 +192,7 @@ def test_xsam_defaults_are_the_librarys():
     (["--epochs", "0"], "--epochs"),
     (["--lr", "0"], "--lr"),
     (["--update-every", "0"], "--update-every"),
+    (["--curvature", "fisher"], "--curvature"),
     (["--train-size", "10", "--batch-size", "64"], "--train-size"),
 ])
 def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys):

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="X-SAM Hessian-vector products per refresh; default %(default)s")
   add("--method", choices=("power", "lanczos"), default="lanczos",
       help="X-SAM eigenvector estimator; default %(default)s")
+  add("--curvature", choices=loop.CURVATURES, default="hessian",
+      help="X-SAM refreshes: Hessian-vector products, or Gauss-Newton products of the "
+           "logits (cheaper; see the README's Performance); default %(default)s")
   add("--no-normalize", dest="normalize", action="store_false",
       help="X-SAM: keep the SAM gradient's length instead of a unit direction")
   add("--sign-invariant", action="store_true",
@@ -144,7 +147,7 @@ def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
     config["rho"] = args.rho
   if name == "xsam":
     config.update(alpha=args.alpha, update_every=args.update_every,
-                  num_iters=args.num_iters, method=args.method,
+                  num_iters=args.num_iters, method=args.method, curvature=args.curvature,
                   normalize=args.normalize, sign_invariant=args.sign_invariant,
                   seed=args.seed)
     if not args.normalize:
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
           model, tx, dataset, epochs=args.epochs, batch_size=args.batch_size,
           seed=args.seed, eval_x=eval_x, eval_y=eval_y,
           top_eigenvalue_fn=top_eigenvalue_fn, eval_fn=eval_fn,
-          refresh_every=args.update_every if name == "xsam" else None, progress=bar,
+          refresh_every=args.update_every if name == "xsam" else None,
+          curvature=args.curvature if name == "xsam" else "hessian", progress=bar,
           variables=variables)
     timed = result.ms_per_step[1:] or result.ms_per_step  # Epoch 1 includes warm-up.
     runs[name] = {

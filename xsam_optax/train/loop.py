@@ -113,6 +113,25 @@ def make_grad_fn(
   return jax.grad(lambda p: loss_fn(p, batch_stats, x, y)[0])
 
 
+CURVATURES = ("hessian", "gauss-newton")
+
+
+def make_gauss_newton_fn(
+    model, batch_stats: PyTree, x: jax.Array, y: jax.Array
+) -> Callable[[PyTree, PyTree], PyTree]:
+  """``(params, v) -> G v`` for the training-mode logits and the mean cross-entropy.
+
+  :func:`xsam_optax.gauss_newton_fn` of the same forward pass as
+  :func:`make_grad_fn` (batch statistics, running statistics discarded): the
+  ``curvature_fn`` of ``--curvature gauss-newton``.
+  """
+  def logits_fn(params):
+    return model.apply({"params": params, "batch_stats": batch_stats}, x,
+                       train=True, mutable=["batch_stats"])[0]
+
+  return xsam_optax.gauss_newton_fn(logits_fn, lambda z: cross_entropy(z, y))
+
+
 def init_variables(model, sample_x: jax.Array, *, seed: int) -> dict[str, PyTree]:
   """``model.init`` from ``jax.random.key(seed)``, jitted (eagerly it compiles op by op).
 
@@ -164,7 +183,8 @@ def lanczos_start(params: PyTree, seed: int) -> PyTree:
       lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
 
 
-def make_train_step(model, tx: optax.GradientTransformationExtraArgs):
+def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
+                    curvature: str = "hessian"):
   """The whole training step ``(state, x, y) -> (state, metrics)``, to be jitted once.
 
   One clean ``value_and_grad`` pass gives the loss, the gradient and the new
@@ -174,10 +194,14 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs):
 
   ``refresh`` (static) is forwarded to ``tx.update`` when given: X-SAM then
   refreshes its eigenvector (``True``) or not (``False``) without ``lax.cond``.
+  ``curvature="gauss-newton"`` hands ``tx.update`` a ``curvature_fn``
+  (:func:`make_gauss_newton_fn`), so refreshes use the Gauss-Newton matrix.
 
   Returns metrics ``loss``, ``accuracy``, ``grad_norm`` (of the clean pass) and
   ``cos_angle`` (the optimizer's cos(g_hat, v) when its state has one, else NaN).
   """
+  if curvature not in CURVATURES:
+    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
   loss_fn = make_train_loss(model)
   tx = optax.with_extra_args_support(tx)
 
@@ -187,6 +211,8 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs):
         loss_fn, has_aux=True)(state.params, state.batch_stats, x, y)
     grad_fn = make_grad_fn(model, state.batch_stats, x, y)
     extra = {} if refresh is None else {"refresh": refresh}
+    if curvature == "gauss-newton":
+      extra["curvature_fn"] = make_gauss_newton_fn(model, state.batch_stats, x, y)
     updates, opt_state = tx.update(
         grads, state.opt_state, state.params, grad_fn=grad_fn, **extra)
     params = optax.apply_updates(state.params, updates)
@@ -366,6 +392,7 @@ def run_training(
     top_eigenvalue_fn: Callable[..., jax.Array],
     eval_fn: Callable[..., tuple[jax.Array, jax.Array]],
     refresh_every: int | None = None,
+    curvature: str = "hessian",
     progress: Any = None,
     variables: dict[str, PyTree] | None = None,
 ) -> tuple[TrainState, RunResult]:
@@ -376,6 +403,7 @@ def run_training(
   tqdm's ``update(n)`` / ``set_postfix(**kw)``. ``variables``: initial model
   variables shared by every run (default: :func:`init_variables` from ``seed``).
 
+  ``curvature``: what X-SAM's refreshes multiply by (see :func:`make_train_step`).
   ``refresh_every``: for X-SAM, its ``update_every``. The step is then compiled
   twice ahead of time, with ``refresh=True`` (eigenvector refresh) and
   ``refresh=False``, and the host picks one per step (refresh at steps 0, k,
@@ -392,7 +420,8 @@ def run_training(
   v0 = lanczos_start(state.params, seed)
 
   t0 = time.perf_counter()
-  jitted = jax.jit(make_train_step(model, tx), static_argnames="refresh")
+  jitted = jax.jit(make_train_step(model, tx, curvature=curvature),
+                   static_argnames="refresh")
   sample = (state, x_train[:batch_size], y_train[:batch_size])
   if refresh_every is None:
     steps = {None: jitted.lower(*sample).compile()}
