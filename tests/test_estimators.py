@@ -157,3 +157,24 @@ def test_invalid_settings_name_the_argument():
     xsam_optax.power_iteration(matvec, tree(np.ones(10)), num_iters=0)
   with pytest.raises(ValueError, match=r"k must be >= 1 and <= num_iters \(3\)"):
     xsam_optax.lanczos(matvec, tree(np.ones(10)), num_iters=3, k=4)
+
+
+def test_lanczos_memory_grows_by_about_one_parameter_copy_per_product():
+  """XLA's accounting of compiled Lanczos on a parameter-heavy model: each
+  further product adds its basis row (one copy of the parameters), not
+  several (a tensordot over the basis once copied the whole basis per row:
+  +6 copies per product)."""
+  params = {"w1": jnp.zeros((400, 400)), "w2": jnp.zeros((400, 4))}
+  x, y = jnp.ones((2, 400)), jnp.zeros((2, 4))
+  grad_fn = jax.grad(lambda p: jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2))
+  copy = sum(a.nbytes for a in jax.tree.leaves(params))
+
+  def footprint(num_iters):
+    run = lambda p, v: xsam_optax.lanczos(
+        lambda u: xsam_optax.hvp(grad_fn, p, u), v, num_iters=num_iters
+    ).eigenvector
+    m = jax.jit(run).lower(params, params).compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes
+            + m.temp_size_in_bytes - m.alias_size_in_bytes) / copy
+
+  assert footprint(6) - footprint(2) <= 4 * 1.5, (footprint(2), footprint(6))

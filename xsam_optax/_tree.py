@@ -82,9 +82,15 @@ def stacked_dots(stacked: PyTree, tree: PyTree) -> jax.Array:
 
 def stacked_combination(coeffs: jax.Array, stacked: PyTree) -> PyTree:
   """``sum_i coeffs[..., i] * stacked[i]``: one tree, or a stack if 2-D."""
-  return jax.tree.map(
-      lambda s: jnp.tensordot(coeffs.astype(s.dtype), s, axes=1), stacked
-  )
+  # A broadcast product summed over the stacked axis, not a tensordot: XLA
+  # fuses it into one pass, where a dot over the leading axis first copied
+  # the whole stack into another layout (a parameter-sized copy per row).
+  def combine(s):
+    c = coeffs.astype(s.dtype)
+    c = c.reshape(c.shape + (1,) * (s.ndim - 1))
+    return jnp.sum(c * s, axis=c.ndim - s.ndim)
+
+  return jax.tree.map(combine, stacked)
 
 
 def explicit_sharding(x: jax.Array):
