@@ -85,6 +85,8 @@ def stacked_combination(coeffs: jax.Array, stacked: PyTree) -> PyTree:
   # A broadcast product summed over the stacked axis, not a tensordot: XLA
   # fuses it into one pass, where a dot over the leading axis first copied
   # the whole stack into another layout (a parameter-sized copy per row).
+  # Measured: Lanczos 4 on ResNet-18 at SAM + 11x the parameters instead of
+  # 23x, its refresh ~5% slower on CPU; a row-by-row sum took 17x.
   def combine(s):
     c = coeffs.astype(s.dtype)
     c = c.reshape(c.shape + (1,) * (s.ndim - 1))
