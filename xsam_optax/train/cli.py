@@ -125,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       (0 <= args.alpha <= 2, f"--alpha must be in [0, 2], got {args.alpha}"),
       (args.update_every >= 1, f"--update-every must be >= 1, got {args.update_every}"),
       (args.num_iters >= 1, f"--num-iters must be >= 1, got {args.num_iters}"),
+      (args.method != "lanczos" or args.num_iters >= 2,
+       f"--num-iters must be >= 2 with --method lanczos, got {args.num_iters}"),
       (args.eig_iters >= 1, f"--eig-iters must be >= 1, got {args.eig_iters}"),
       (args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}"),
       (args.train_size is None or args.train_size >= args.batch_size,
