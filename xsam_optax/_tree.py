@@ -82,15 +82,17 @@ def stacked_dots(stacked: PyTree, tree: PyTree) -> jax.Array:
 
 def stacked_combination(coeffs: jax.Array, stacked: PyTree) -> PyTree:
   """``sum_i coeffs[..., i] * stacked[i]``: one tree, or a stack if 2-D."""
-  # A broadcast product summed over the stacked axis, not a tensordot: XLA
-  # fuses it into one pass, where a dot over the leading axis first copied
-  # the whole stack into another layout (a parameter-sized copy per row).
-  # Measured: Lanczos 4 on ResNet-18 at SAM + 11x the parameters instead of
-  # 23x, its refresh ~5% slower on CPU; a row-by-row sum took 17x.
+  # Row by row, which XLA fuses into one elementwise pass. Measured on
+  # Lanczos 4 over 1M parameters (CPU): a tensordot over the stacked axis
+  # took 119 ms and 25 parameter copies (it copied the whole stack into
+  # another layout), a sum over that axis 1.9 s and 10 copies, this 70 ms and
+  # 17 copies.
   def combine(s):
     c = coeffs.astype(s.dtype)
-    c = c.reshape(c.shape + (1,) * (s.ndim - 1))
-    return jnp.sum(c * s, axis=c.ndim - s.ndim)
+    if c.ndim == 1:
+      return sum(c[i] * s[i] for i in range(s.shape[0]))
+    column = lambda i: c[:, i].reshape((-1,) + (1,) * (s.ndim - 1))
+    return sum(column(i) * s[i] for i in range(s.shape[0]))
 
   return jax.tree.map(combine, stacked)
 
