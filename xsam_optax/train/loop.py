@@ -184,7 +184,7 @@ def lanczos_start(params: PyTree, seed: int) -> PyTree:
 
 
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
-                    curvature: str = "hessian"):
+                    curvature: str | Callable[..., Any] = "hessian"):
   """The whole training step ``(state, x, y) -> (state, metrics)``, to be jitted once.
 
   One clean ``value_and_grad`` pass gives the loss, the gradient and the new
@@ -196,12 +196,16 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
   refreshes its eigenvector (``True``) or not (``False``) without ``lax.cond``.
   ``curvature="gauss-newton"`` hands ``tx.update`` a ``curvature_fn``
   (:func:`make_gauss_newton_fn`), so refreshes use the Gauss-Newton matrix.
+  A callable ``curvature(batch_stats, x, y, grads) -> curvature_fn`` builds
+  any other ``curvature_fn`` from the step's batch and clean gradient (the
+  benchmarks use it for sub-batch and finite-difference products).
 
   Returns metrics ``loss``, ``accuracy``, ``grad_norm`` (of the clean pass) and
   ``cos_angle`` (the optimizer's cos(g_hat, v) when its state has one, else NaN).
   """
-  if curvature not in CURVATURES:
-    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+  if not callable(curvature) and curvature not in CURVATURES:
+    raise ValueError(f"curvature must be one of {CURVATURES} or a callable, "
+                     f"got {curvature!r}")
   loss_fn = make_train_loss(model)
   tx = optax.with_extra_args_support(tx)
 
@@ -211,7 +215,9 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
         loss_fn, has_aux=True)(state.params, state.batch_stats, x, y)
     grad_fn = make_grad_fn(model, state.batch_stats, x, y)
     extra = {} if refresh is None else {"refresh": refresh}
-    if curvature == "gauss-newton":
+    if callable(curvature):
+      extra["curvature_fn"] = curvature(state.batch_stats, x, y, grads)
+    elif curvature == "gauss-newton":
       extra["curvature_fn"] = make_gauss_newton_fn(model, state.batch_stats, x, y)
     updates, opt_state = tx.update(
         grads, state.opt_state, state.params, grad_fn=grad_fn, **extra)
