@@ -2,7 +2,8 @@
 
 Both estimators take ``matvec: pytree -> pytree`` (for example
 ``lambda v: xsam_optax.hvp(grad_fn, params, v)``) and a start vector ``v0``,
-and never ravel the pytree: a Lanczos basis is kept as a stack of pytrees.
+and never ravel the pytree: a Lanczos basis is kept as a list (unrolled) or a
+stack (rolled loop) of pytrees.
 
 Loop construct: the iteration count is static and the loop is a
 ``lax.fori_loop``, fully unrolled by default when it has at most
@@ -187,8 +188,9 @@ def lanczos(
   falling below the attainable :math:`\|Av - \lambda v\|`, which is of
   order :math:`\epsilon \|A\|` (float32: about 1e-6 relative).
 
-  The basis is a stack of ``m`` pytrees like ``v0`` (memory: ``m`` copies of
-  the parameters). Full reorthogonalisation against the whole basis is on by
+  The basis is ``m`` pytrees like ``v0`` (memory: ``m`` copies of the
+  parameters): a Python list when the loop is unrolled, a stack allocated up
+  front when it is rolled. Full reorthogonalisation against the whole basis is on by
   default; it keeps the basis orthonormal in finite precision at the cost of
   ``m`` inner products per step, negligible next to a Hessian-vector product.
   If the Krylov space is exhausted early (an invariant subspace, e.g. a
@@ -232,18 +234,34 @@ def lanczos(
   q0 = _unit_start(v0)
   eps = jnp.finfo(scalar).eps
 
+  # The basis: unrolled, a Python list of pytrees that grows by one per
+  # product (no stacked buffer, no dynamic-update-slice: each vector lives
+  # as its own arrays, which XLA can free or alias as it likes); rolled, a
+  # stack of m pytrees allocated up front, as a loop carry must be.
+  if unroll:
+    append = lambda basis, j, q: basis + [q]
+    dots = _tree.list_dots
+    combine = _tree.list_combination
+    empty = []
+  else:
+    append = lambda basis, j, q: jax.tree.map(
+        lambda b, x: b.at[j].set(x), basis, q)
+    dots = _tree.stacked_dots
+    combine = _tree.stacked_combination
+    # Broadcast, not zeros: rows then carry the sharding of q0's leaves.
+    empty = jax.tree.map(
+        lambda x: jnp.broadcast_to(jnp.zeros_like(x), (m,) + jnp.shape(x)), q0)
+
   def step(j, carry):
     basis, alphas, betas, live, q_prev, q, beta_prev, alive = carry
-    basis = jax.tree.map(lambda b, x: b.at[j].set(x), basis, q)
+    basis = append(basis, j, q)
     w = matvec(q)
     alpha = _tree.vdot(q, w).astype(scalar)
     w = _tree.add_scaled(w, -alpha, q)
     w = _tree.add_scaled(w, -beta_prev, q_prev)
     if reorthogonalize:
-      # Rows of `basis` past j are still zero, so they drop out.
-      w = optax.tree.sub(
-          w, _tree.stacked_combination(_tree.stacked_dots(basis, w), basis)
-      )
+      # Stacked rows past j are still zero, so they drop out.
+      w = optax.tree.sub(w, combine(dots(basis, w), basis))
     next_q, beta = _tree.safe_normalize(w)
     beta = beta.astype(scalar)
     step_live = alive & jnp.isfinite(alpha) & jnp.isfinite(beta)
@@ -258,10 +276,7 @@ def lanczos(
             jnp.where(still_alive, beta, 0.0), still_alive)
 
   init = (
-      # Broadcast, not zeros: rows then carry the sharding of q0's leaves.
-      jax.tree.map(
-          lambda x: jnp.broadcast_to(jnp.zeros_like(x), (m,) + jnp.shape(x)),
-          q0),
+      empty,
       jnp.zeros((m,), scalar),
       jnp.zeros((m,), scalar),
       jnp.zeros((m,), bool),
@@ -294,7 +309,7 @@ def lanczos(
   is_real = live[jnp.argmax(jnp.abs(coeffs), axis=0)]
   residuals = jnp.where(is_real, residuals, jnp.inf)
 
-  vectors = _tree.stacked_combination(coeffs.T, basis)  # leaves (k, ...)
+  vectors = combine(coeffs.T, basis)  # leaves (k, ...)
   vectors = jax.vmap(lambda t: _tree.safe_normalize(t)[0])(vectors)
   num_matvecs = jnp.asarray(m, jnp.int32)
   if k == 1:
