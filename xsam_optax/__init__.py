@@ -2,7 +2,8 @@
 
 Composable pieces (:func:`sam_ascent`, :func:`eigenvector_correction`), the
 estimators they use (:func:`hvp`, :func:`power_iteration`, :func:`lanczos`;
-:func:`gauss_newton_fn`, a cheaper curvature product), Eigen-SAM's ascent (:func:`eigen_sam_ascent`), a micro-batch gradient
+:func:`gauss_newton_fn` and :func:`finite_difference_fn`, cheaper curvature
+products), Eigen-SAM's ascent (:func:`eigen_sam_ascent`), a micro-batch gradient
 (:func:`accumulated_grad_fn`), the host's copy of the refresh schedule
 (:func:`refresh_due`) and two conveniences built only by chaining
 (:func:`sam`, :func:`xsam`).
@@ -18,6 +19,7 @@ from xsam_optax._eigen_sam import eigen_sam_ascent
 from xsam_optax._estimators import EigenResult
 from xsam_optax._estimators import lanczos
 from xsam_optax._estimators import power_iteration
+from xsam_optax._finite_difference import finite_difference_fn
 from xsam_optax._gauss_newton import gauss_newton_fn
 from xsam_optax._hvp import hvp
 from xsam_optax._sam import SamAscentState
@@ -34,6 +36,7 @@ __all__ = (
     "accumulated_grad_fn",
     "eigen_sam_ascent",
     "eigenvector_correction",
+    "finite_difference_fn",
     "gauss_newton_fn",
     "hvp",
     "lanczos",
