@@ -193,7 +193,8 @@ def test_xsam_defaults_are_the_librarys():
     (["--lr", "0"], "--lr"),
     (["--update-every", "0"], "--update-every"),
     (["--curvature", "fisher"], "--curvature"),
-    (["--num-iters", "1"], "--num-iters must be >= 2 with --method lanczos"),
+    (["--method", "lanczos", "--num-iters", "1"],
+     "--num-iters must be >= 2 with --method lanczos"),
     (["--train-size", "10", "--batch-size", "64"], "--train-size"),
 ])
 def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys):

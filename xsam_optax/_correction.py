@@ -62,9 +62,9 @@ def correct(updates: PyTree, eigenvector: PyTree, alpha, *,
 def eigenvector_correction(
     alpha: Union[float, jax.Array] = 0.2,
     *,
-    update_every: int = 5,
-    num_iters: int = 4,
-    method: str = "lanczos",
+    update_every: int = 1,
+    num_iters: int = 1,
+    method: str = "power",
     sign_invariant: bool = False,
     normalize: bool = True,
     seed: int = 0,
@@ -97,41 +97,47 @@ def eigenvector_correction(
   leaves earlier steps uncorrected; here the first refresh is at step 0, so
   no step is ever corrected along an unestimated random vector.
 
-  **Defaults: Lanczos, 4 products.** ``method="lanczos"`` converges to the
-  algebraically largest eigenvalue, ``method="power"`` to the one of largest
-  *magnitude* (possibly negative early in training). On the training CLI's
-  conv net, 4 warm-started Lanczos products found the batch's top
-  eigenvector at least as well as the reference's 5 power iterations (mean
-  :math:`|\cos(v, v^*)|` 0.82-0.93 vs 0.72-0.90 over five trajectories) with
-  4/5 of the products (``benchmarks/step_overhead.py``). Lanczos keeps its
-  basis, so a refresh needs more memory (ResNet-18: SAM + 15x the parameters,
-  against 5.9x for power 5). ``method="power", num_iters=5`` is the
-  reference's schedule, and the lighter one in memory.
+  **Defaults: one power step on every step.** The correction at every step
+  uses the stored :math:`v`, so what matters is how well that vector follows
+  the loss's sharp direction at every step, not how well one refresh fits
+  its own batch. A single warm-started power step on each step's batch
+  averages over batches and tracked the top eigenvector of both the step's
+  batch Hessian and a large-batch Hessian better than the reference's 5
+  power steps every 5 steps, for the same number of products
+  (``benchmarks/quality.py``); converging harder on one batch did not help.
+  It also refreshes on every step, so ``update`` needs no ``lax.cond``
+  whether or not the host passes ``refresh``. ``method="power"`` converges
+  to the eigenvalue of largest *magnitude* (possibly negative early in
+  training), ``method="lanczos"`` to the algebraically largest (it keeps its
+  basis: ``num_iters`` copies of the parameters during a refresh). The
+  reference's schedule is ``method="power", num_iters=5, update_every=5``.
 
-  **Choose refreshes on the host.** Without ``refresh``, ``update`` refreshes
-  under ``lax.cond`` on the step count, which on XLA:CPU runs the
-  Hessian-vector products' convolutions about ten times slower. Pass
-  ``refresh=xsam_optax.refresh_due(step, update_every)`` (a Python bool) from
-  the training loop to a step jitted with ``static_argnames="refresh"``: the
-  two kinds of step compile separately and neither has a ``cond``.
+  **Periodic refreshes: choose them on the host.** With ``update_every >
+  1`` and no ``refresh``, ``update`` refreshes under ``lax.cond`` on the step
+  count, which on XLA:CPU runs the Hessian-vector products' convolutions
+  several times slower. Pass ``refresh=xsam_optax.refresh_due(step,
+  update_every)`` (a Python bool) from the training loop to a step jitted
+  with ``static_argnames="refresh"``: the two kinds of step compile
+  separately and neither has a ``cond``.
 
   **Cheaper refreshes.** ``update`` accepts an optional ``hvp_grad_fn``: the
   Hessian-vector products of a refresh then differentiate it instead of
   ``grad_fn``, e.g. the gradient of the loss on a quarter of the mini-batch
-  (about half the cost per product; ``benchmarks/step_overhead.py`` reports
-  the price in eigenvector quality). The SAM ascent and the correction still
+  (cheaper per product; ``benchmarks/quality.py`` reports the price in
+  eigenvector quality). The SAM ascent and the correction still
   use ``grad_fn`` and the incoming gradient. Or pass ``curvature_fn``, a
   function ``(params, v) -> product`` used instead of the Hessian, e.g.
   :func:`gauss_newton_fn` (positive semi-definite, about 2/3 of the cost per
-  product).
+  product) or :func:`finite_difference_fn` (one gradient per product, but
+  inaccurate on networks with ReLU and BatchNorm, see
+  ``benchmarks/quality.py``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import xsam_optax
     >>> loss = lambda p: jnp.sum(jnp.array([10.0, 1.0]) * p["w"] ** 2)
     >>> params = {"w": jnp.array([1.0, 1.0])}
-    >>> tx = xsam_optax.eigenvector_correction(0.2, update_every=5,
-    ...                                        num_iters=20)
+    >>> tx = xsam_optax.eigenvector_correction(0.2, num_iters=20)
     >>> state = tx.init(params)
     >>> grad_fn = jax.grad(loss)
     >>> updates, state = tx.update(grad_fn(params), state, params,
@@ -141,10 +147,10 @@ def eigenvector_correction(
 
   Args:
     alpha: correction strength in ``[0, 2]``; 0 only normalises.
-    update_every: refresh period in steps (``>= 1``).
+    update_every: refresh period in steps (``>= 1``; default every step).
     num_iters: Hessian-vector products per refresh (``>= 1``; ``>= 2`` for
       Lanczos).
-    method: ``"lanczos"`` or ``"power"``.
+    method: ``"power"`` or ``"lanczos"``.
     sign_invariant: use the sign-invariant rule instead of the reference one.
     normalize: drop the gradient's magnitude, as the reference does.
     seed: seed of the initial random eigenvector.

@@ -46,7 +46,7 @@ class Schedule(NamedTuple):
     return self
 
 
-def refresh_due(step: int, update_every: int = 5) -> bool:
+def refresh_due(step: int, update_every: int = 1) -> bool:
   """Whether ``step`` is a refresh step: the host's copy of the schedule.
 
   ``True`` at steps ``0, update_every, 2 * update_every, ...``: the steps on
@@ -54,8 +54,10 @@ def refresh_due(step: int, update_every: int = 5) -> bool:
   ``count`` is the step). Pass the result as ``refresh=`` (a Python bool) to
   ``update`` inside a step jitted with ``static_argnames="refresh"``: the host
   then picks one of two compiled steps, and neither contains a ``lax.cond``.
-  That is the fast way to run X-SAM: on XLA:CPU a refresh under ``lax.cond``
-  runs its convolutions about ten times slower (``benchmarks/``).
+  That is the fast way to run a periodic schedule (``update_every > 1``): on
+  XLA:CPU a refresh under ``lax.cond`` runs its convolutions several times
+  slower (``benchmarks/``). The default schedule refreshes every step and has
+  no ``cond`` either way.
 
   Examples:
     >>> import xsam_optax
@@ -65,7 +67,8 @@ def refresh_due(step: int, update_every: int = 5) -> bool:
   Args:
     step: the host's step counter, a non-negative Python or NumPy int (the
       number of ``update`` calls before this one).
-    update_every: the transform's refresh period.
+    update_every: the transform's refresh period (default 1, the
+      transforms' default: every step).
 
   Returns:
     A Python bool.
