@@ -424,10 +424,13 @@ def run_training(
   state = init_state(model, tx, jnp.asarray(x_train[:batch_size]), seed=seed,
                      variables=variables)
   v0 = lanczos_start(state.params, seed)
+  # The step donates its state (the old parameters and optimizer state are
+  # dead after it), so copy what may be shared with other runs' `variables`.
+  state = jax.tree.map(jnp.copy, state)
 
   t0 = time.perf_counter()
   jitted = jax.jit(make_train_step(model, tx, curvature=curvature),
-                   static_argnames="refresh")
+                   static_argnames="refresh", donate_argnums=0)
   sample = (state, x_train[:batch_size], y_train[:batch_size])
   if refresh_every is None:
     steps = {None: jitted.lower(*sample).compile()}
