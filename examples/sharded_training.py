@@ -269,8 +269,10 @@ def one_device_run(args, train_step, next_batch, initial, tx, seed=None):
 
 def unit_permutation(units):
   """Per-leaf functions that reorder the hidden units (a tree like params)."""
-  return {"hidden": {"kernel": lambda a: a[:, units], "bias": lambda a: a[units]},
-          "out": {"kernel": lambda a: a[units], "bias": lambda a: a}}
+  return {
+      "hidden": {"kernel": lambda a: a[:, units], "bias": lambda a: a[units]},
+      "out": {"kernel": lambda a: a[units], "bias": lambda a: a},
+  }
 
 
 def rel_diff(got, want):
@@ -307,9 +309,9 @@ def check_against_one_device(args, tx, train_step, next_batch, initial,
   products, inner products) and nothing else; this is what sharding does to
   the sums too. The bound is ``NOISE_FACTOR`` times the largest of those
   differences, per quantity (one float32 epsilon where they are all 0):
-  rounding differences of one size vary by a few times between orders,
-  while a sharding or averaging error (say, a process training on its own
-  rows only) differs by orders of magnitude more.
+  rounding differences vary by a few times from one order to another, while
+  a sharding or averaging error (say, a process feeding the wrong rows)
+  differs by orders of magnitude more.
 
   Returns:
     True on processes other than 0; on process 0, whether the run passed.
@@ -328,8 +330,7 @@ def check_against_one_device(args, tx, train_step, next_batch, initial,
   for seed in range(1, NUM_REORDERINGS + 1):
     reordered = differences(
         one_device_run(args, train_step, next_batch, initial, tx, seed),
-        reference,
-        first_step)
+        reference, first_step)
     noise = {name: max(noise[name], reordered[name]) for name in noise}
   # Exactly equal reorderings (possible for a scalar) leave one float32
   # epsilon of rounding as the noise.
