@@ -1,8 +1,9 @@
 """Markdown for the README's "Performance" section, from the benchmark JSON.
 
-Reads ``benchmarks/results/*.json`` written by ``step_overhead.py`` (and
-``estimators-*.json`` from ``estimators.py``) and prints our rows next to the
-reference numbers measured for XSAM.md (H100, CIFAR-style ResNet-18, batch
+Reads ``benchmarks/results/*.json`` written by ``quality.py``,
+``step_overhead.py``, ``fd_accuracy.py`` and ``estimators.py``, and prints
+their tables (eigenvector quality first) after the reference numbers
+measured for XSAM.md (H100, CIFAR-style ResNet-18, batch
 256, fp32, synthetic data)::
 
   python benchmarks/report.py > /tmp/performance.md
@@ -115,7 +116,13 @@ def main() -> int:
          "fp32, synthetic data):", "",
          _common.format_table(("", "step ms", "x SAM"), REFERENCE), "",
          REFERENCE_REFRESH + ".", ""]
-  for path in sorted(glob.glob(os.path.join(here, "*.json"))):
+  order = {"quality": 0, "step_overhead": 1, "fd_accuracy": 2, "estimators": 3}
+
+  def rank(path):
+    with open(path) as f:
+      return order.get(json.load(f).get("benchmark"), 9), path
+
+  for path in sorted(glob.glob(os.path.join(here, "*.json")), key=rank):
     with open(path) as f:
       d = json.load(f)
     if d.get("smoke"):
