@@ -7,6 +7,8 @@ import optax
 
 from xsam_optax import _correction
 from xsam_optax import _sam
+from xsam_optax import _tracking
+from xsam_optax import _tree
 
 
 def sam(
@@ -14,7 +16,7 @@ def sam(
     *,
     rho: Union[float, jax.Array] = 0.05,
     adaptive: bool = False,
-    batch_axis_name: _sam.AxisName = None,
+    batch_axis_name: _tree.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SAM: ``optax.chain(sam_ascent(rho, ...), optimizer)``.
 
@@ -44,12 +46,12 @@ def xsam(
     alpha: Union[float, jax.Array] = 0.2,
     update_every: int = 5,
     num_iters: int = 4,
-    method: str = "lanczos",
+    method: _tracking.Method = "lanczos",
     sign_invariant: bool = False,
     normalize: bool = True,
     adaptive: bool = False,
     seed: int = 0,
-    batch_axis_name: _sam.AxisName = None,
+    batch_axis_name: _tree.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """X-SAM: SAM ascent, eigenvector correction, then ``optimizer``.
 
@@ -78,9 +80,10 @@ def xsam(
     rho: SAM radius.
     alpha: correction strength in ``[0, 2]``.
     update_every: eigenvector refresh period in steps.
-    num_iters: Hessian-vector products per refresh.
-    method: ``"lanczos"`` (default) or ``"power"`` (the reference's, with
-      ``num_iters=5``).
+    num_iters: products per refresh of a named ``method``; leave it at its
+      default with a callable ``method``.
+    method: ``"lanczos"`` (default), ``"power"`` (the reference's, with
+      ``num_iters=5``) or a callable ``(matvec, v0) -> EigenResult``.
     sign_invariant: sign-invariant correction rule.
     normalize: drop the gradient magnitude before the base optimizer.
     adaptive: ASAM neighbourhood.
