@@ -45,7 +45,8 @@ def correct(updates: PyTree, eigenvector: PyTree, alpha, *,
   :math:`\|g\|`.
   """
   unit, norm = _tree.safe_normalize(updates)
-  cos = _tree.vdot(unit, eigenvector).astype(jnp.result_type(norm))
+  # At least float32, as the state stores it: the norm of bf16 updates is bf16.
+  cos = _tree.vdot(unit, eigenvector)
   coefficient = alpha * (cos if sign_invariant else jnp.abs(cos))
   corrected = _tree.add_scaled(unit, -coefficient, eigenvector)
   if not normalize:
