@@ -20,10 +20,6 @@ def sam(
 ) -> optax.GradientTransformationExtraArgs:
   """SAM: ``optax.chain(sam_ascent(rho, ...), optimizer)``.
 
-  Examples:
-    >>> import optax, xsam_optax
-    >>> tx = xsam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
-
   Args:
     optimizer: the base optimizer that receives the SAM gradient.
     rho: neighbourhood radius.
@@ -32,6 +28,10 @@ def sam(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` needing ``grad_fn``.
+
+  Examples:
+    >>> import optax, xsam_optax
+    >>> tx = xsam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
   """
   return optax.chain(
       _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),
@@ -63,18 +63,6 @@ def xsam(
   ``tx.update(..., refresh=xsam_optax.refresh_due(step, update_every))``
   inside a step jitted with ``static_argnames="refresh"``.
 
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import xsam_optax
-    >>> loss = lambda p: jnp.sum(jnp.array([10.0, 1.0]) * p["w"] ** 2)
-    >>> params = {"w": jnp.array([1.0, 1.0])}
-    >>> tx = xsam_optax.xsam(optax.sgd(0.01), rho=0.05, alpha=0.2)
-    >>> state = tx.init(params)
-    >>> grad_fn = jax.grad(loss)
-    >>> updates, state = tx.update(grad_fn(params), state, params,
-    ...                            grad_fn=grad_fn)
-    >>> params = optax.apply_updates(params, updates)
-
   Args:
     optimizer: the base optimizer (the paper: SGD with momentum 0.9).
     rho: SAM radius.
@@ -93,6 +81,18 @@ def xsam(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` needing ``grad_fn``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import xsam_optax
+    >>> loss = lambda p: jnp.sum(jnp.array([10.0, 1.0]) * p["w"] ** 2)
+    >>> params = {"w": jnp.array([1.0, 1.0])}
+    >>> tx = xsam_optax.xsam(optax.sgd(0.01), rho=0.05, alpha=0.2)
+    >>> state = tx.init(params)
+    >>> grad_fn = jax.grad(loss)
+    >>> updates, state = tx.update(grad_fn(params), state, params,
+    ...                            grad_fn=grad_fn)
+    >>> params = optax.apply_updates(params, updates)
   """
   return optax.chain(
       _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),

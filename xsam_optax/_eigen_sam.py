@@ -50,20 +50,6 @@ def eigen_sam_ascent(
   defaults of the Eigen-SAM paper. Chain it in front of the base optimizer:
   ``optax.chain(eigen_sam_ascent(), optax.sgd(0.1, momentum=0.9))``.
 
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import xsam_optax
-    >>> loss = lambda p: jnp.sum(jnp.array([10.0, 1.0]) * p["w"] ** 2)
-    >>> params = {"w": jnp.array([1.0, 1.0])}
-    >>> tx = optax.chain(xsam_optax.eigen_sam_ascent(0.05, 0.2),
-    ...                  optax.sgd(0.01))
-    >>> state = tx.init(params)
-    >>> grad_fn = jax.grad(loss)
-    >>> updates, state = tx.update(grad_fn(params), state, params,
-    ...                            grad_fn=grad_fn)
-    >>> round(float(optax.tree.get(state, "eigenvalue")), 3)
-    20.0
-
   Args:
     rho: radius of the neighbourhood (``>= 0``).
     alpha: weight of the eigenvector component (``>= 0``).
@@ -80,6 +66,20 @@ def eigen_sam_ascent(
     An :class:`optax.GradientTransformationExtraArgs` needing ``params`` and
     ``grad_fn``; ``update`` accepts ``refresh`` and ``curvature_fn`` like
     :func:`eigenvector_correction`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import xsam_optax
+    >>> loss = lambda p: jnp.sum(jnp.array([10.0, 1.0]) * p["w"] ** 2)
+    >>> params = {"w": jnp.array([1.0, 1.0])}
+    >>> tx = optax.chain(xsam_optax.eigen_sam_ascent(0.05, 0.2),
+    ...                  optax.sgd(0.01))
+    >>> state = tx.init(params)
+    >>> grad_fn = jax.grad(loss)
+    >>> updates, state = tx.update(grad_fn(params), state, params,
+    ...                            grad_fn=grad_fn)
+    >>> round(float(optax.tree.get(state, "eigenvalue")), 3)
+    20.0
 
   References:
     Luo et al., `Explicit Eigenvalue Regularization Improves Sharpness-Aware

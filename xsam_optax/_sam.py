@@ -36,6 +36,15 @@ def sam_ascent(
   Chain it in front of any optimizer: ``optax.chain(sam_ascent(0.05),
   optax.sgd(0.1))`` is SAM with SGD.
 
+  Args:
+    rho: radius of the neighbourhood (``>= 0``).
+    adaptive: ASAM's scale-invariant neighbourhood.
+    batch_axis_name: mapped axis over which to average ``grad_fn``'s output.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs
+    ``params`` and the keyword argument ``grad_fn``.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import xsam_optax
@@ -47,15 +56,6 @@ def sam_ascent(
     >>> updates, state = tx.update(grad_fn(params), state, params,
     ...                            grad_fn=grad_fn)
     >>> params = optax.apply_updates(params, updates)
-
-  Args:
-    rho: radius of the neighbourhood (``>= 0``).
-    adaptive: ASAM's scale-invariant neighbourhood.
-    batch_axis_name: mapped axis over which to average ``grad_fn``'s output.
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs
-    ``params`` and the keyword argument ``grad_fn``.
 
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
