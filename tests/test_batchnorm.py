@@ -6,6 +6,7 @@ and build dense Hessians with ``jax.hessian``.
 
 import functools
 
+import chex
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
@@ -60,10 +61,6 @@ def setup():
   return variables["params"], batch_stats, x, y
 
 
-def assert_trees_close(a, b, **kw):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **kw), a, b)
-
-
 def trees_differ(a, b, tol=1e-5):
   gaps = jax.tree.leaves(jax.tree.map(lambda u, v: jnp.max(jnp.abs(u - v)), a, b))
   return max(float(g) for g in gaps) > tol
@@ -85,7 +82,7 @@ def test_running_stats_updated_once_from_clean_pass(setup, refresh):
   for _ in range(2):
     expected = clean_stats(state.params, state.batch_stats, x)
     new_state, _ = step(state, x, y, refresh=refresh)
-    assert_trees_close(new_state.batch_stats, expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(new_state.batch_stats, expected, rtol=1e-5, atol=1e-6)
     # Controls that the comparison can tell apart: two updates in one step, or
     # statistics from the SAM-perturbed parameters.
     assert trees_differ(new_state.batch_stats, clean_stats(state.params, expected, x))
@@ -102,8 +99,8 @@ def test_grad_fn_uses_batch_statistics_not_running_ones(setup):
   zeros = jax.tree.map(jnp.zeros_like, batch_stats)
   grad = jax.jit(lambda bs: loop.make_grad_fn(MODEL, bs, x, y)(params))
   g_running, g_zeros = grad(batch_stats), grad(zeros)
-  assert_trees_close(g_running, g_zeros, rtol=1e-6, atol=1e-7)
-  assert_trees_close(g_running, oracle_grad(params, batch_stats, x, y), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(g_running, g_zeros, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(g_running, oracle_grad(params, batch_stats, x, y), rtol=1e-5, atol=1e-6)
   assert trees_differ(g_running, oracle_grad(params, batch_stats, x, y, train=False))
 
 
@@ -116,7 +113,7 @@ def test_sam_ascent_gradient_is_training_mode_on_same_batch(setup):
   g = oracle_grad(params, batch_stats, x, y)
   g_adv = oracle_grad(optax.tree.add_scale(params, rho / optax.tree.norm(g), g),
                       batch_stats, x, y)
-  assert_trees_close(new_state.params, optax.tree.add_scale(params, -lr, g_adv),
+  chex.assert_trees_all_close(new_state.params, optax.tree.add_scale(params, -lr, g_adv),
                      rtol=1e-5, atol=1e-6)
 
 
@@ -227,6 +224,6 @@ def test_nnx_example_updates_running_stats_once_from_clean_pass(setup):
   expected = nnx.state(oracle, nnx.BatchStat)
   params_before = nnx.clone(nnx.state(model, nnx.Param))
   example.train_step(model, optimizer, x, y, refresh=True)
-  assert_trees_close(nnx.state(model, nnx.BatchStat), expected, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(nnx.state(model, nnx.BatchStat), expected, rtol=1e-5, atol=1e-6)
   assert trees_differ(nnx.state(model, nnx.Param), params_before)
   assert float(optax.tree.get(optimizer.opt_state, "eigenvalue")) != 0.0
