@@ -94,7 +94,8 @@ def test_method_names_are_shorthands_for_the_bound_estimators(x64, method,
   grad_fn = jax.grad(lambda p: loss(p, batch))
   runs = []
   for m in (method, functools.partial(estimator, num_iters=4)):
-    tx = xsam_optax.xsam(optax.sgd(0.1), update_every=2, method=m)
+    named = {"num_iters": 4} if isinstance(m, str) else {}
+    tx = xsam_optax.xsam(optax.sgd(0.1), update_every=2, method=m, **named)
     step = jax.jit(lambda p, s, tx=tx: tx.update(grad_fn(p), s, p,
                                                  grad_fn=grad_fn))
     p, state = params, tx.init(params)
