@@ -82,15 +82,29 @@ def _val(results) -> float:
 
 
 def _common_seeds(by_lr) -> set[int]:
-  """Seeds that every rate has: the grid's seeds."""
-  return set.intersection(*(set(runs) for runs in by_lr.values()))
+  """The grid's seeds: those present at more than half of the rates.
+
+  (The chosen rate also has the remaining seeds; a rate left incomplete by an
+  interrupted run lacks some.)
+  """
+  counts: dict[int, int] = {}
+  for runs in by_lr.values():
+    for seed in runs:
+      counts[seed] = counts.get(seed, 0) + 1
+  return {seed for seed, c in counts.items() if 2 * c > len(by_lr)} or set(counts)
+
+
+def _complete(by_lr) -> list[float]:
+  """Rates that have every grid seed (the candidates of the choice)."""
+  common = _common_seeds(by_lr)
+  return [lr for lr in sorted(by_lr) if common <= set(by_lr[lr])]
 
 
 def choose(by_lr: dict[float, dict[int, dict[str, Any]]]) -> tuple[float, str]:
   """The rate of highest mean validation accuracy (diverged runs count as -inf), and a note.
 
-  Means are over the seeds that every rate has (the grid's seeds). The note
-  is ``"low edge"`` / ``"high edge"`` when the chosen rate is the
+  Means are over the grid's seeds (see ``_common_seeds``), among the rates
+  that have them all. The note is ``"low edge"`` / ``"high edge"`` when the chosen rate is the
   grid's smallest / largest, else ``""``.
 
   Example:
@@ -98,12 +112,10 @@ def choose(by_lr: dict[float, dict[int, dict[str, Any]]]) -> tuple[float, str]:
     >>> choose({0.1: {0: r(0.5)}, 0.2: {0: r(0.7)}, 0.4: {0: r(0.6)}})
     (0.2, '')
   """
-  lrs = sorted(by_lr)
-  # Only the seeds every rate has (the grid seeds): the chosen rate's extra
-  # seeds must not bias its mean.
+  lrs = _complete(by_lr)
+  # Only the grid's seeds: the chosen rate's extra seeds must not bias its mean.
   common = _common_seeds(by_lr)
-  means = [np.mean([_val(res) for s, res in by_lr[lr].items() if s in common or not common])
-           for lr in lrs]
+  means = [np.mean([_val(res) for s, res in by_lr[lr].items() if s in common]) for lr in lrs]
   best = lrs[int(np.argmax(means))]
   note = ("" if len(lrs) < 2 or lrs[0] < best < lrs[-1]
           else "low edge" if best == lrs[0] else "high edge")
@@ -242,16 +254,60 @@ def format_summary(runs) -> str:
             cells.append("")
             continue
           common = _common_seeds(by_lr)
-          on_grid = [r for seed, r in by_lr[lr].items() if seed in common or not common]
+          on_grid = [r for seed, r in by_lr[lr].items() if seed in common]
           vals = [scale * r[key] for r in on_grid]
           bad = sum(not r.get("finite", True) for r in on_grid)
           cell = fmt.format(np.mean(vals)) if not bad else f"diverged {bad}/{len(vals)}"
+          if len(on_grid) < len(common):
+            cell += f" (n={len(on_grid)}, not a candidate)"
           cells.append(cell + ("*" if lr == t[m][0] else ""))
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     lines.append("")
+  lines += ["## All settings (the README's tables)", "", format_readme_tables(runs)]
   commands = sorted({r["command"] for r in runs})
   lines += ["## Commands", "", "Produced by:", ""] + [f"    {c}" for c in commands] + [""]
   return "\n".join(lines)
+
+
+SHORT_SETTING = {"mnist1d_cnn": "MNIST-1D CNN", "mnist1d_cnn_noise20": "MNIST-1D CNN, 20% noise",
+                 "digits_mlp": "digits MLP"}
+
+
+def format_readme_tables(runs) -> str:
+  """Two compact tables over settings (the README's): test accuracy and lambda_max at the chosen rates.
+
+  Cells: mean ± std over seeds, the chosen rate, and the paired difference
+  against SAM (mean [95% t-interval], seeds beating SAM).
+  """
+  g = grid(runs)
+  settings = list(g)
+  t = {s: tuned(g[s]) for s in settings}
+  methods = _order({m for s in settings for m in g[s]})
+  out = []
+  for title, key, scale, fmt, dfmt in (
+      ("Test accuracy (%) at the chosen rate; Δ vs SAM in pp [95% CI], seeds beating SAM",
+       "test_accuracy", 100, "{:.2f}", "{:+.2f}"),
+      ("lambda_max at the chosen rate; Δ vs SAM [95% CI], seeds below SAM",
+       "top_eigenvalue", 1, "{:.3g}", "{:+.2g}")):
+    out += [f"{title}:", "", "| method | " + " | ".join(SHORT_SETTING.get(s, s) for s in settings)
+            + " |", "|---|" + "---|" * len(settings)]
+    for m in methods:
+      cells = []
+      for s in settings:
+        if m not in t[s]:
+          cells.append("not run")
+          continue
+        lr, note, res = t[s][m]
+        vals = [scale * r[key] for r in res.values()]
+        cell = f"{_ms(vals, fmt)} (lr {lr:g}{', ' + note if note else ''})"
+        if m != "sam" and "sam" in t[s]:
+          d = paired(res, t[s]["sam"][2], key, scale)
+          better = sum(x > 0 for x in d) if key == "test_accuracy" else sum(x < 0 for x in d)
+          cell += f"; {_ci(d, dfmt)}, {better}/{len(d)}"
+        cells.append(cell)
+      out.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    out.append("")
+  return "\n".join(out)
 
 
 def plot(runs, results_dir: str) -> None:

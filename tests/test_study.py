@@ -115,6 +115,9 @@ def test_choose_and_t_interval():
   by_lr = {0.1: {0: r(0.50), 1: r(0.52)}, 0.2: {0: r(0.60), 1: r(0.58), 3: r(0.1), 4: r(0.1)},
            0.4: {0: r(0.55), 1: r(0.57)}}
   assert report.choose(by_lr) == (0.2, "")
+  # A rate missing a grid seed (an interrupted run) is not a candidate.
+  by_lr[0.8] = {0: r(0.99)}
+  assert report.choose(by_lr) == (0.2, "")
   assert report.choose({0.1: {0: r(0.5)}, 0.2: {0: r(0.4)}}) == (0.1, "low edge")
   diverged = {"val_accuracy": 0.9, "finite": False}
   assert report.choose({0.1: {0: r(0.5)}, 0.2: {0: diverged}}) == (0.1, "low edge")
