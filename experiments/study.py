@@ -237,7 +237,7 @@ def make_method(spec: dict[str, Any], *, total_steps: int, seed: int):
   inner = loop.make_optimizer(
       spec["name"], learning_rate=optax.cosine_decay_schedule(1.0, decay_steps=total_steps),
       momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, rho=RHO, update_every=UPDATE_EVERY,
-      seed=seed, **kwargs)
+      seed=seed, **kwargs).tx
   return optax.chain(inner, scale_by_peak_lr())
 
 

@@ -43,7 +43,7 @@ def test_runtime_peak_rate_matches_the_scheduled_optimizer(method):
   oracle = loop.make_optimizer(
       spec["name"], learning_rate=optax.cosine_decay_schedule(peak, decay_steps=total),
       momentum=study.MOMENTUM, weight_decay=study.WEIGHT_DECAY, rho=study.RHO,
-      update_every=study.UPDATE_EVERY, seed=3, **kwargs)
+      update_every=study.UPDATE_EVERY, seed=3, **kwargs).tx
   tx = study.make_method(spec, total_steps=total, seed=3)
   params = {"w": jnp.zeros(3)}
   ours, theirs = params, params
@@ -70,8 +70,8 @@ def test_unnormalised_alpha0_control_is_sam():
   params = {"w": jnp.array([0.3, -0.2, 0.1])}
   spec = dict(study.METHODS["xsam_nn"], alpha=0.0)
   kwargs = {k: spec[k] for k in ("alpha", "normalize", "sign_invariant", "method", "num_iters")}
-  control = loop.make_optimizer("xsam", learning_rate=0.1, **kwargs)
-  sam = loop.make_optimizer("sam", learning_rate=0.1)
+  control = loop.make_optimizer("xsam", learning_rate=0.1, **kwargs).tx
+  sam = loop.make_optimizer("sam", learning_rate=0.1).tx
 
   def trajectory(opt, p):
     state = opt.init(p)

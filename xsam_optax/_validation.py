@@ -5,8 +5,15 @@ Floats are checked only when they are plain Python numbers, so that
 """
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
+
+GRAD_FN_HELP = (
+    "Pass the gradient of the training loss on the current mini-batch as a "
+    "keyword argument, e.g.\n"
+    "  grad_fn = jax.grad(lambda p: loss(p, batch))\n"
+    "  updates, state = tx.update(grads, state, params, grad_fn=grad_fn)"
+)
 
 
 def check_int(name: str, value: Any, *, minimum: int,
@@ -57,3 +64,16 @@ def check_axis_name(name: str, value: Any) -> None:
     raise ValueError(
         f"{name} must be None, an axis name (str) or a tuple of them, "
         f"got {value!r}.")
+
+
+def require_grad_fn(grad_fn: Optional[Callable[[Any], Any]], params: Any, *,
+                    owner: str) -> None:
+  """Clear errors for the two arguments every X-SAM transform needs."""
+  if grad_fn is None:
+    raise ValueError(f"{owner}.update needs grad_fn. {GRAD_FN_HELP}")
+  if not callable(grad_fn):
+    raise ValueError(f"{owner}: grad_fn must be callable, got {grad_fn!r}.")
+  if params is None:
+    raise ValueError(
+        f"{owner}.update needs params (the current parameters): "
+        "tx.update(grads, state, params, grad_fn=grad_fn).")
