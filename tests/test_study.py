@@ -29,7 +29,7 @@ def _load(name):
 study, report = _load("study"), _load("report")
 
 
-@pytest.mark.parametrize("method", ["sgd", "sam", "xsam", "xsam_nn", "eigensam"])
+@pytest.mark.parametrize("method", ["sgd", "sam", "xsam", "eigensam"])
 def test_runtime_peak_rate_matches_the_scheduled_optimizer(method):
   """cosine(1) schedule times a runtime peak == make_optimizer with cosine(peak): same trajectory."""
   peak, total = 0.3, 6
