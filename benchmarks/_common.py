@@ -111,3 +111,21 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     json.dump(payload, f, indent=1, sort_keys=False)
     f.write("\n")
   print(f"wrote {path}")
+
+
+def cache_dir() -> str:
+  """Where the quality benchmark keeps trajectories and oracle eigenvectors.
+
+  ``benchmarks/.cache`` (not committed): reruns reuse what is there.
+  """
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache under ``directory``/jax.
+
+  On the shared 2-core machine a refresh program takes 10-30 s to compile;
+  reruns and identical programs (another seed) then load it instead.
+  """
+  jax.config.update("jax_compilation_cache_dir", os.path.join(directory, "jax"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

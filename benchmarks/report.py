@@ -1,8 +1,9 @@
 """Markdown for the README's "Performance" section, from the benchmark JSON.
 
-Reads ``benchmarks/results/*.json`` written by ``step_overhead.py`` (and
-``estimators-*.json`` from ``estimators.py``) and prints our rows next to the
-reference numbers measured for XSAM.md (H100, CIFAR-style ResNet-18, batch
+Reads ``benchmarks/results/*.json`` written by ``quality.py``,
+``step_overhead.py``, ``fd_accuracy.py`` and ``estimators.py``, and prints
+their tables (eigenvector quality first) after the reference numbers
+measured for XSAM.md (H100, CIFAR-style ResNet-18, batch
 256, fp32, synthetic data)::
 
   python benchmarks/report.py > /tmp/performance.md
@@ -36,46 +37,63 @@ def step_section(d) -> str:
   env, cfg = d["environment"], d["config"]
   where = (f"{env['device_kind']}" if env["backend"] == "gpu"
            else f"{env['cpu_count']}-core CPU")
-  head = (f"#### {cfg['model_description']}, batch {cfg['batch_size']}, "
-          f"{where} (jax {env['jax']})\n\n"
-          f"`{d.get('command', 'python benchmarks/step_overhead.py')}`"
-          f"{'' if d.get('complete', True) else ' (timings only)'}\n")
+  head = (f"#### Step cost: {cfg['model_description']}, batch "
+          f"{cfg['batch_size']}, {where} (jax {env['jax']})\n\n"
+          f"`{d.get('command', 'python benchmarks/step_overhead.py')}`\n")
   rows = []
-  sam_bytes = next(r["memory_total_bytes"] for r in d["rows"]
-                   if r["name"] == "SAM")
   for r in d["rows"]:
-    q = r.get("quality_warm_mean")
-    q2 = r.get("quality_second_half_mean")
-    # Host-chosen rows vary the lax.cond row above them.
-    name = ("↳ " + r["name"]) if r.get("mode") == "host" else r["name"]
-    extra = r.get("memory_total_bytes")
-    extra = None if extra is None or r["optimizer"] != "xsam" else (
-        (extra - sam_bytes) / cfg["param_bytes"])
-    rows.append((name, r["step_ms"], r["ratio_to_sam"],
-                 r.get("refresh_cost_gradients"),
-                 None if q is None else
-                 f"{q:.2f} / {'-' if q2 is None else f'{q2:.2f}'}",
-                 None if extra is None else f"{extra:.0f}"))
+    path = ("refresh=None" if r["path"] == "none" else
+            ("host" if r["optimizer"] == "xsam" else "-"))
+    if r["optimizer"] == "xsam" and r["schedule"]["update_every"] == 1:
+      path = "both (no cond)"
+    mem = r.get("memory_minus_sam_params")
+    rows.append((r["name"], path, r["step_ms"], r["ratio_to_sam"],
+                 None if mem is None else f"{mem:.0f}"))
   table = _common.format_table(
-      ("variant", "step ms", "x SAM", "refresh, gradients",
-       "|cos(v,v*)| warm / 2nd half", "memory - SAM's, x params"), rows)
-  lines = [head, table, ""]
-  lines.append(
-      f"One HVP costs {d['hvp_full_batch_gradients']:.2f} gradients on the "
-      f"full batch, {d['hvp_quarter_batch_gradients']:.2f} on a quarter; "
-      f"a SAM step {d['sam_ms'] / d['gradient_ms']:.2f} gradients. Memory: "
-      f"XLA's accounting of the compiled step (the refresh step for "
-      f"host-chosen rows) minus SAM's step, in units of the parameters' "
-      f"size ({cfg['param_bytes'] / 2**20:.2g} MiB).")
-  gn = d.get("gauss_newton")
-  if gn and "warm_mean" in gn:
-    lines.append(
-        f"A Gauss-Newton product (`gauss_newton_fn`) costs "
-        f"{gn['matvec_gradients']:.2f} gradients; its converged top "
-        f"eigenvector has median |cos| "
-        f"{sorted(gn['converged_gn_vs_hessian'])[len(gn['converged_gn_vs_hessian']) // 2]:.2f} "
-        f"with the Hessian's.")
+      ("variant", "path", "step ms", "x SAM", "memory - SAM's, x params"), rows)
+  notes = " ".join(d.get("summary", []))
+  return "\n".join([head, table, "", notes + ". \"host\": `refresh="
+                    "refresh_due(step, k)`; \"refresh=None\": one jitted step "
+                    "(`lax.cond` for periodic refreshes). Memory: XLA's "
+                    "accounting of the compiled step (the refresh step for "
+                    "host rows) minus SAM's."]) + "\n"
+
+
+def quality_section(d) -> str:
+  cfg = d["config"]
+  problems = list(d["results"])
+  lines = [f"#### Eigenvector quality: |cos(v_t, u_t)| at every {cfg['score_stride']}th step",
+           "", f"`{d['command']}`", ""]
+  for name, r in d["results"].items():
+    lines.append(f"- `{name}`: {r['description']}; large batch "
+                 f"{r['large_batch_examples']} examples")
+  lines += ["", f"Trajectory: {cfg['steps']} steps of {cfg['trajectory']}; seeds "
+            f"{cfg['seeds']}; oracle {cfg['oracle']}. Cells: mean over seeds "
+            "of the per-seed mean (range over seeds). \"all >= reference\": "
+            "the mean over seeds at least the reference's on both oracles and "
+            "both models.", ""]
+  lines.append(d.get("table") or "(incomplete)")
   return "\n".join(lines) + "\n"
+
+
+def fd_section(d) -> str:
+  rows = []
+  for name, r in d["results"].items():
+    for a in r["accuracy"]:
+      if a["direction"] == "top eigenvector":
+        rows.append((name, a["point"], a["dtype"], a["scale"],
+                     a["relative_error"], a["abs_cos"]))
+  cost = "; ".join(
+      f"{name}: " + ", ".join(f"{k} {v['gradients']:.2f} gradients"
+                              + (f" ({v['convolutions']} convolutions)"
+                                 if v.get("convolutions") else "")
+                              for k, v in r["cost"].items() if k != "gradient")
+      for name, r in d["results"].items())
+  return ("#### Finite-difference products against the exact product\n\n"
+          f"`{d['command']}`; {d['step_size_rule']}\n\n"
+          + _common.format_table(("problem", "point", "dtype", "scale",
+                                  "rel. error", "|cos|"), rows)
+          + f"\n\nOne training step with one product per step, in gradients: {cost}.\n")
 
 
 def estimator_section(d) -> str:
@@ -98,13 +116,23 @@ def main() -> int:
          "fp32, synthetic data):", "",
          _common.format_table(("", "step ms", "x SAM"), REFERENCE), "",
          REFERENCE_REFRESH + ".", ""]
-  for path in sorted(glob.glob(os.path.join(here, "*.json"))):
+  order = {"quality": 0, "step_overhead": 1, "fd_accuracy": 2, "estimators": 3}
+
+  def rank(path):
+    with open(path) as f:
+      return order.get(json.load(f).get("benchmark"), 9), path
+
+  for path in sorted(glob.glob(os.path.join(here, "*.json")), key=rank):
     with open(path) as f:
       d = json.load(f)
     if d.get("smoke"):
       continue
     if d.get("benchmark") == "step_overhead":
       out.append(step_section(d))
+    elif d.get("benchmark") == "quality":
+      out.append(quality_section(d))
+    elif d.get("benchmark") == "fd_accuracy":
+      out.append(fd_section(d))
     elif d.get("benchmark") == "estimators":
       out.append(estimator_section(d))
   print("\n".join(out))

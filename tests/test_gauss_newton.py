@@ -66,7 +66,7 @@ def test_linear_model_gauss_newton_is_the_hessian(x64):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: xsam_optax.eigenvector_correction(num_iters=14),
+    lambda: xsam_optax.eigenvector_correction(num_iters=14, method="lanczos"),
     lambda: xsam_optax.eigen_sam_ascent(num_iters=14, method="lanczos"),
 ], ids=["eigenvector_correction", "eigen_sam_ascent"])
 def test_curvature_fn_drives_the_refresh(x64, make):

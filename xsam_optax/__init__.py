@@ -5,7 +5,7 @@ Eigen-SAM's :func:`eigen_sam_ascent`), the estimators they accept as
 ``method`` (:func:`power_iteration`, :func:`lanczos`, or any callable
 ``(matvec, v0) -> EigenResult``), the curvature products a refresh
 multiplies by (:func:`hvp`; :func:`hessian_fn` and :func:`gauss_newton_fn`
-for ``curvature_fn``), a micro-batch gradient (:func:`accumulated_grad_fn`),
+for ``curvature_fn``; :func:`finite_difference_fn`, one gradient per product), a micro-batch gradient (:func:`accumulated_grad_fn`),
 the host's copy of the refresh schedule (:func:`refresh_due`) and two
 conveniences built only by chaining (:func:`sam`, :func:`xsam`).
 """
@@ -20,6 +20,7 @@ from xsam_optax._eigen_sam import eigen_sam_ascent
 from xsam_optax._estimators import EigenResult
 from xsam_optax._estimators import lanczos
 from xsam_optax._estimators import power_iteration
+from xsam_optax._finite_difference import finite_difference_fn
 from xsam_optax._gauss_newton import gauss_newton_fn
 from xsam_optax._hvp import hessian_fn
 from xsam_optax._hvp import hvp
@@ -37,6 +38,7 @@ __all__ = (
     "accumulated_grad_fn",
     "eigen_sam_ascent",
     "eigenvector_correction",
+    "finite_difference_fn",
     "gauss_newton_fn",
     "hessian_fn",
     "hvp",

@@ -44,9 +44,9 @@ def xsam(
     *,
     rho: Union[float, jax.Array] = 0.05,
     alpha: Union[float, jax.Array] = 0.2,
-    update_every: int = 5,
-    num_iters: int = 4,
-    method: _tracking.Method = "lanczos",
+    update_every: int = 1,
+    num_iters: int = 1,
+    method: _tracking.Method = "power",
     sign_invariant: bool = False,
     normalize: bool = True,
     adaptive: bool = False,
@@ -59,7 +59,10 @@ def xsam(
   ...), optimizer)``; see those two for the maths and the options.
   Diagnostics are read from the state by name:
   ``optax.tree.get(state, "eigenvalue")``, ``"cos_angle"``, ``"eigenvector"``.
-  For speed, let the training loop choose the refresh steps:
+  The defaults take one power step on every step, which needs no
+  ``lax.cond``; with a refresh period (``update_every > 1``, e.g. the
+  reference's ``method="power", num_iters=5, update_every=5``), let the
+  training loop choose the refresh steps for speed:
   ``tx.update(..., refresh=xsam_optax.refresh_due(step, update_every))``
   inside a step jitted with ``static_argnames="refresh"``.
 
@@ -67,11 +70,12 @@ def xsam(
     optimizer: the base optimizer (the paper: SGD with momentum 0.9).
     rho: SAM radius.
     alpha: correction strength in ``[0, 2]``.
-    update_every: eigenvector refresh period in steps.
+    update_every: eigenvector refresh period in steps (default: every step).
     num_iters: products per refresh of a named ``method``; leave it at its
       default with a callable ``method``.
-    method: ``"lanczos"`` (default), ``"power"`` (the reference's, with
-      ``num_iters=5``) or a callable ``(matvec, v0) -> EigenResult``.
+    method: ``"power"`` (default; the reference's, which uses
+      ``num_iters=5, update_every=5``), ``"lanczos"`` or a callable
+      ``(matvec, v0) -> EigenResult``.
     sign_invariant: sign-invariant correction rule.
     normalize: drop the gradient magnitude before the base optimizer.
     adaptive: ASAM neighbourhood.

@@ -59,9 +59,9 @@ def correct(updates: PyTree, eigenvector: PyTree, alpha, *,
 def eigenvector_correction(
     alpha: Union[float, jax.Array] = 0.2,
     *,
-    update_every: int = 5,
-    num_iters: int = 4,
-    method: _tracking.Method = "lanczos",
+    update_every: int = 1,
+    num_iters: int = 1,
+    method: _tracking.Method = "power",
     sign_invariant: bool = False,
     normalize: bool = True,
     seed: int = 0,
@@ -94,6 +94,17 @@ def eigenvector_correction(
   leaves earlier steps uncorrected; here the first refresh is at step 0, so
   no step is ever corrected along an unestimated random vector.
 
+  **Defaults: one power step on every step.** The correction at every step
+  uses the stored :math:`v`, so what matters is how well that vector follows
+  the loss's sharp direction at every step, not how well one refresh fits
+  its own batch. A single warm-started power step on each step's batch
+  averages over batches and tracked the top eigenvector of both the step's
+  batch Hessian and a large-batch Hessian better than the reference's 5
+  power steps every 5 steps, for the same number of products
+  (``benchmarks/quality.py``); converging harder on one batch did not help.
+  Refreshing on every step also means ``update`` needs no ``lax.cond``,
+  whether or not the host passes ``refresh``.
+
   **Estimators.** ``method="lanczos"`` (``num_iters`` products) converges to
   the algebraically largest eigenvalue and keeps its ``num_iters``-vector
   basis during a refresh; ``method="power"`` to the one of largest
@@ -106,8 +117,9 @@ def eigenvector_correction(
   (a non-finite eigenvalue or residual keeps the previous eigenvector). The
   README's Performance section compares the estimators' cost and quality.
 
-  **Choose refreshes on the host.** Without ``refresh``, ``update`` refreshes
-  under ``lax.cond`` on the step count, which on XLA:CPU runs the
+  **Periodic refreshes: choose them on the host.** With ``update_every > 1``
+  and without ``refresh``, ``update`` refreshes under ``lax.cond`` on the
+  step count, which on XLA:CPU runs the
   Hessian-vector products' convolutions in a slow layout. Pass
   ``refresh=xsam_optax.refresh_due(step, update_every)`` (a Python bool) from
   the training loop to a step jitted with ``static_argnames="refresh"``: the
@@ -117,16 +129,18 @@ def eigenvector_correction(
   ``curvature_fn(params, v) -> product`` used instead of the Hessian of
   ``grad_fn``: :func:`hessian_fn` of another gradient (e.g. on a sub-batch,
   cheaper per product, tracking that sub-batch's eigenvector) or
-  :func:`gauss_newton_fn` (positive semi-definite, cheaper per product). The
+  :func:`gauss_newton_fn` (positive semi-definite, cheaper per product) or
+  :func:`finite_difference_fn` (one gradient per product, but inaccurate on
+  networks with ReLU and BatchNorm, see ``benchmarks/quality.py``). The
   SAM ascent and the correction still use ``grad_fn`` and the incoming
   gradient.
 
   Args:
     alpha: correction strength in ``[0, 2]``; 0 only normalises.
-    update_every: refresh period in steps (``>= 1``).
+    update_every: refresh period in steps (``>= 1``; default every step).
     num_iters: products per refresh of a named ``method`` (``>= 1``; ``>= 2``
       for Lanczos); leave it at its default with a callable ``method``.
-    method: ``"lanczos"``, ``"power"`` or a callable ``(matvec, v0) ->
+    method: ``"power"``, ``"lanczos"`` or a callable ``(matvec, v0) ->
       EigenResult`` (with :func:`optax.inject_hyperparams`, name a callable
       ``method`` in ``static_args``).
     sign_invariant: use the sign-invariant rule instead of the reference one.
@@ -145,8 +159,7 @@ def eigenvector_correction(
     >>> import xsam_optax
     >>> loss = lambda p: jnp.sum(jnp.array([10.0, 1.0]) * p["w"] ** 2)
     >>> params = {"w": jnp.array([1.0, 1.0])}
-    >>> tx = xsam_optax.eigenvector_correction(0.2, update_every=5,
-    ...                                        num_iters=20)
+    >>> tx = xsam_optax.eigenvector_correction(0.2, num_iters=20)
     >>> state = tx.init(params)
     >>> grad_fn = jax.grad(loss)
     >>> updates, state = tx.update(grad_fn(params), state, params,

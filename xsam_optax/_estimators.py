@@ -2,7 +2,8 @@
 
 Both estimators take ``matvec: pytree -> pytree`` (for example
 ``lambda v: xsam_optax.hvp(grad_fn, params, v)``) and a start vector ``v0``,
-and never ravel the pytree: a Lanczos basis is kept as a stack of pytrees.
+and never ravel the pytree: a Lanczos basis is kept as a list (unrolled) or a
+stack (rolled loop) of pytrees.
 With their settings bound (``functools.partial(lanczos, num_iters=4)``) they
 are *estimators*, ``(matvec, v0) -> EigenResult``, the value the transforms'
 ``method`` argument accepts; a user-written function of that shape works too.
@@ -190,8 +191,9 @@ def lanczos(
   falling below the attainable :math:`\|Av - \lambda v\|`, which is of
   order :math:`\epsilon \|A\|`.
 
-  The basis is a stack of ``m`` pytrees like ``v0`` (memory: ``m`` copies of
-  the parameters). Full reorthogonalisation against the whole basis is on by
+  The basis is ``m`` pytrees like ``v0`` (memory: ``m`` copies of the
+  parameters): a Python list when the loop is unrolled, a stack allocated up
+  front when it is rolled. Full reorthogonalisation against the whole basis is on by
   default; it keeps the basis orthonormal in finite precision at the cost of
   ``m`` inner products per step, negligible next to a Hessian-vector product.
   Without it (``reorthogonalize=False``, the textbook three-term recurrence)
@@ -236,7 +238,8 @@ def lanczos(
   basis, alphas, betas, live = _lanczos_recurrence(
       matvec, _unit_start(v0), num_iters, reorthogonalize, unroll)
   values, coeffs, residuals = _ritz_pairs(alphas, betas, live, k)
-  vectors = _tree.stacked_combination(coeffs.T, basis)  # leaves (k, ...)
+  combine = _tree.list_combination if unroll else _tree.stacked_combination
+  vectors = combine(coeffs.T, basis)  # leaves (k, ...)
   vectors = jax.vmap(lambda t: _tree.safe_normalize(t)[0])(vectors)
   num_matvecs = jnp.asarray(num_iters, jnp.int32)
   if k == 1:
@@ -249,26 +252,39 @@ def _lanczos_recurrence(matvec, q0: PyTree, m: int, reorthogonalize: bool,
                         unroll: bool):
   """``m`` Lanczos steps from the unit vector ``q0``.
 
-  Returns the basis (leaves with a leading axis of size ``m``), the
+  Returns the basis (unrolled: a Python list of ``m`` pytrees, with no
+  stacked buffer or dynamic-update-slice, each vector its own arrays for XLA
+  to place; rolled: leaves with a leading axis of size ``m``, as a loop carry
+  must be allocated up front), the
   diagonal ``alphas`` and off-diagonal ``betas`` of the tridiagonal, and
   which steps ran (``live``): a breakdown or a non-finite product ends the
   recurrence, and later rows stay zero.
   """
   scalar = _tree.scalar_dtype(q0)
   eps = jnp.finfo(scalar).eps
+  if unroll:
+    append = lambda basis, j, q: basis + [q]
+    dots, combine = _tree.list_dots, _tree.list_combination
+    # Python list grows by one per unrolled step.
+    empty = []
+  else:
+    append = lambda basis, j, q: jax.tree.map(
+        lambda b, x: b.at[j].set(x), basis, q)
+    dots, combine = _tree.stacked_dots, _tree.stacked_combination
+    # Broadcast, not zeros: rows then carry the sharding of q0's leaves.
+    empty = jax.tree.map(
+        lambda x: jnp.broadcast_to(jnp.zeros_like(x), (m,) + jnp.shape(x)), q0)
 
   def step(j, carry):
     basis, alphas, betas, live, q_prev, q, beta_prev, alive = carry
-    basis = jax.tree.map(lambda b, x: b.at[j].set(x), basis, q)
+    basis = append(basis, j, q)
     w = matvec(q)
     alpha = _tree.vdot(q, w).astype(scalar)
     w = _tree.add_scaled(w, -alpha, q)
     w = _tree.add_scaled(w, -beta_prev, q_prev)
     if reorthogonalize:
-      # Rows of `basis` past j are still zero, so they drop out.
-      w = optax.tree.sub(
-          w, _tree.stacked_combination(_tree.stacked_dots(basis, w), basis)
-      )
+      # Stacked rows past j are still zero, so they drop out.
+      w = optax.tree.sub(w, combine(dots(basis, w), basis))
     next_q, beta = _tree.safe_normalize(w)
     beta = beta.astype(scalar)
     step_live = alive & jnp.isfinite(alpha) & jnp.isfinite(beta)
@@ -284,10 +300,7 @@ def _lanczos_recurrence(matvec, q0: PyTree, m: int, reorthogonalize: bool,
             jnp.where(still_alive, beta, 0.0), still_alive)
 
   init = (
-      # Broadcast, not zeros: rows then carry the sharding of q0's leaves.
-      jax.tree.map(
-          lambda x: jnp.broadcast_to(jnp.zeros_like(x), (m,) + jnp.shape(x)),
-          q0),
+      empty,
       jnp.zeros((m,), scalar),
       jnp.zeros((m,), scalar),
       jnp.zeros((m,), bool),

@@ -100,6 +100,27 @@ def stacked_combination(coeffs: jax.Array, stacked: PyTree) -> PyTree:
   return jax.tree.map(combine, stacked)
 
 
+def list_dots(trees: list[PyTree], tree: PyTree) -> jax.Array:
+  """``[<trees[i], tree> for i]`` as one vector (the list form of :func:`stacked_dots`)."""
+  return jnp.stack([vdot(t, tree) for t in trees])
+
+
+def list_combination(coeffs: jax.Array, trees: list[PyTree]) -> PyTree:
+  """``sum_i coeffs[..., i] * trees[i]``: one tree, or a stack if 2-D.
+
+  The list form of :func:`stacked_combination`: a fused elementwise sum over
+  the vectors where they are, without stacking them first.
+  """
+  def combine(*leaves):
+    c = coeffs.astype(leaves[0].dtype)
+    if c.ndim == 1:
+      return sum(c[i] * x for i, x in enumerate(leaves))
+    column = lambda i: c[:, i].reshape((-1,) + (1,) * leaves[0].ndim)
+    return sum(column(i) * x[None] for i, x in enumerate(leaves))
+
+  return jax.tree.map(combine, *trees)
+
+
 def explicit_sharding(x: jax.Array):
   """``x``'s sharding where it is part of its type (explicit mesh axes).
 

@@ -40,9 +40,10 @@ normalised to unit length and corrected along the Hessian's dominant eigenvector
 With normalisation the learning rate of xsam scales a unit direction, so its
 step length is not that of sgd/sam at the same --lr; metrics.json records the
 mean clean-gradient norm per epoch (mean_grad_norm) to compare them.
-X-SAM refreshes its eigenvector at steps 0, k, 2k, ... (k = --update-every);
-its step is compiled twice, with and without the refresh, and the host picks
-one per step (faster than a refresh under lax.cond, notably on CPU).
+X-SAM refreshes its eigenvector at steps 0, k, 2k, ... (k = --update-every,
+default every step); with k > 1 its step is compiled twice, with and without
+the refresh, and the host picks one per step (faster than a refresh under
+lax.cond, notably on CPU).
 
 The top eigenvalue is measured after every epoch for every optimizer alike:
 Lanczos (--eig-iters Hessian-vector products, algebraically largest eigenvalue)
@@ -84,11 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
   add("--rho", type=float, default=0.05, help="SAM radius (sam, xsam); default %(default)s")
   add("--alpha", type=float, default=0.2,
       help="X-SAM correction strength in [0, 2]; default %(default)s")
-  add("--update-every", type=int, default=5,
+  add("--update-every", type=int, default=1,
       help="X-SAM eigenvector refresh period in steps; default %(default)s")
-  add("--num-iters", type=int, default=4,
+  add("--num-iters", type=int, default=1,
       help="X-SAM Hessian-vector products per refresh; default %(default)s")
-  add("--method", choices=tuple(_tracking.METHODS), default="lanczos",
+  add("--method", choices=tuple(_tracking.METHODS), default="power",
       help="X-SAM eigenvector estimator; default %(default)s")
   add("--curvature", choices=loop.CURVATURES, default="hessian",
       help="X-SAM refreshes: Hessian-vector products, or Gauss-Newton products of the "

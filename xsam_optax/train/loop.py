@@ -187,7 +187,7 @@ def lanczos_start(params: PyTree, seed: int) -> PyTree:
 
 
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
-                    curvature: str = "hessian"):
+                    curvature: str | Callable[..., Any] = "hessian"):
   """The whole training step ``(state, x, y) -> (state, metrics)``, to be jitted once.
 
   One clean ``value_and_grad`` pass gives the loss, the gradient and the new
@@ -204,8 +204,9 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
   Returns metrics ``loss``, ``accuracy``, ``grad_norm`` (of the clean pass) and
   ``cos_angle`` (the optimizer's cos(g_hat, v) when its state has one, else NaN).
   """
-  if curvature not in CURVATURES:
-    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+  if not callable(curvature) and curvature not in CURVATURES:
+    raise ValueError(f"curvature must be one of {CURVATURES} or a callable, "
+                     f"got {curvature!r}")
   loss_fn = make_train_loss(model)
   tx = optax.with_extra_args_support(tx)
 
@@ -215,7 +216,9 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
         loss_fn, has_aux=True)(state.params, state.batch_stats, x, y)
     grad_fn = make_grad_fn(model, state.batch_stats, x, y)
     extra = {} if refresh is None else {"refresh": refresh}
-    if curvature == "gauss-newton":
+    if callable(curvature):
+      extra["curvature_fn"] = curvature(state.batch_stats, x, y, grads)
+    elif curvature == "gauss-newton":
       extra["curvature_fn"] = make_gauss_newton_fn(model, state.batch_stats, x, y)
     updates, opt_state = tx.update(
         grads, state.opt_state, state.params, grad_fn=grad_fn, **extra)
@@ -270,7 +273,8 @@ class Optimizer(NamedTuple):
     tx: the optax transform.
     refresh_every: the period of ``tx``'s eigenvector refreshes, so that the
       training loop can choose the refresh steps on the host
-      (:func:`xsam_optax.refresh_due`); ``None`` when ``tx`` has none.
+      (:func:`xsam_optax.refresh_due`); ``None`` when ``tx`` has none or
+      refreshes on every step (no ``lax.cond`` then).
   """
 
   tx: optax.GradientTransformationExtraArgs
@@ -285,9 +289,9 @@ def make_optimizer(
     weight_decay: float = 5e-4,
     rho: float = 0.05,
     alpha: float = 0.2,
-    update_every: int = 5,
-    num_iters: int = 4,
-    method: str = "lanczos",
+    update_every: int = 1,
+    num_iters: int = 1,
+    method: str = "power",
     normalize: bool = True,
     sign_invariant: bool = False,
     seed: int = 0,
@@ -317,14 +321,17 @@ def make_optimizer(
     return Optimizer(optax.with_extra_args_support(base), None)
   if name == "sam":
     return Optimizer(xsam_optax.sam(base, rho=rho), None)
+  # A refresh on every step leaves the host nothing to choose: one program,
+  # no lax.cond either way.
+  period = update_every if update_every > 1 else None
   if name == "xsam":
     return Optimizer(xsam_optax.xsam(
         base, rho=rho, alpha=alpha, sign_invariant=sign_invariant,
-        normalize=normalize, **tracking), update_every)
+        normalize=normalize, **tracking), period)
   if name == "eigensam":
     return Optimizer(
         optax.chain(xsam_optax.eigen_sam_ascent(rho, alpha, **tracking), base),
-        update_every)
+        period)
   raise ValueError(
       f"optimizer must be one of {OPTIMIZERS + EXTRA_OPTIMIZERS}, got {name!r}")
 
@@ -405,7 +412,7 @@ def compile_steps(model, optimizer: Optimizer, state: TrainState, x: jax.Array,
   (one program; refreshes, if any, under the transform's own ``lax.cond``).
   """
   jitted = jax.jit(make_train_step(model, optimizer.tx, curvature=curvature),
-                   static_argnames="refresh")
+                   static_argnames="refresh", donate_argnums=0)
   if optimizer.refresh_every is None:
     return {None: jitted.lower(state, x, y).compile()}
   return {r: jitted.lower(state, x, y, refresh=r).compile() for r in (True, False)}
@@ -483,6 +490,9 @@ def run_training(
   state = init_state(model, optimizer.tx, jnp.asarray(x_train[:batch_size]),
                      seed=seed, variables=variables)
   v0 = lanczos_start(state.params, seed)
+  # The step donates its state (the old parameters and optimizer state are
+  # dead after it), so copy what may be shared with other runs' `variables`.
+  state = jax.tree.map(jnp.copy, state)
   t0 = time.perf_counter()
   steps = compile_steps(model, optimizer, state, x_train[:batch_size],
                         y_train[:batch_size], curvature=curvature)

@@ -1,0 +1,77 @@
+"""The models and data the quality benchmark scores estimators on.
+
+A :class:`Problem` is one model on one dataset with the training CLI's
+protocol (``xsam_optax.train``): its training-mode loss (BatchNorm with batch
+statistics, running statistics discarded, as in ``loop.make_grad_fn``), its
+batch size, and its training set. Two problems:
+
+* ``cnn-mnist1d``: the CLI's default, the CNN with BatchNorm on MNIST-1D;
+* ``mlp-digits``: the CLI's MLP (no BatchNorm) on scikit-learn's 8x8 digits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xsam_optax.train import data as data_lib
+from xsam_optax.train import loop
+from xsam_optax.train import models
+
+PROBLEMS = {"cnn-mnist1d": ("mnist1d", "cnn"), "mlp-digits": ("digits", "mlp")}
+BATCH_SIZE = 128
+
+
+class Problem(NamedTuple):
+  """A model, its training set and its training-mode loss."""
+
+  name: str
+  model: Any
+  x_train: np.ndarray
+  y_train: np.ndarray
+  batch_size: int
+  description: str
+
+  def loss(self, params, batch_stats, x, y):
+    """Training-mode mean cross-entropy (the loss every step differentiates)."""
+    return loop.make_train_loss(self.model)(params, batch_stats, x, y)[0]
+
+  def grad_fn(self, batch_stats, x, y):
+    """``params -> gradient`` on ``(x, y)``: ``loop.make_grad_fn``."""
+    return loop.make_grad_fn(self.model, batch_stats, x, y)
+
+
+def load(name: str) -> Problem:
+  dataset_name, model_name = PROBLEMS[name]
+  ds = data_lib.load_dataset(dataset_name)
+  model = models.make_model(model_name, num_classes=ds.num_classes)
+  what = {"cnn": "CLI CNN, 3x (Conv k3, 32 ch, BatchNorm, ReLU), Dense",
+          "mlp": "CLI MLP, 2x128 ReLU, no BatchNorm"}[model_name]
+  return Problem(name, model, ds.x_train, ds.y_train, BATCH_SIZE,
+                 f"{what}; {dataset_name} ({len(ds.x_train)} training "
+                 f"examples), batch {BATCH_SIZE}")
+
+
+def sub_batch(x: jax.Array, y: jax.Array, fraction: float):
+  """The leading ``fraction`` of a batch (at least 2 examples, for BatchNorm)."""
+  if fraction >= 1.0:
+    return x, y
+  n = max(2, int(round(fraction * x.shape[0])))
+  return x[:n], y[:n]
+
+
+def large_batch(problem: Problem, num_chunks: int):
+  """``num_chunks`` batches of ``batch_size`` from the training set, stacked.
+
+  The large-batch Hessian is the mean of these batches' training-mode
+  Hessians: the Hessian of the expected mini-batch loss that SGD descends (for
+  a model without BatchNorm, the Hessian of the mean loss over all of them).
+  """
+  b = problem.batch_size
+  n = min(num_chunks, len(problem.x_train) // b)
+  x = jnp.asarray(problem.x_train[:n * b]).reshape((n, b) + problem.x_train.shape[1:])
+  y = jnp.asarray(problem.y_train[:n * b]).reshape(n, b)
+  return x, y

@@ -1,0 +1,134 @@
+"""The training steps the cost benchmark compiles: ``xsam_optax.train.loop``'s own.
+
+A :class:`Row` is one optimizer and, for X-SAM, one eigenvector schedule
+(``_schedules.Schedule``) run on one of the two paths a user can take:
+
+* ``"host"``: the host chooses, ``refresh=xsam_optax.refresh_due(step, k)``:
+  two compiled steps (with and without the refresh), no ``lax.cond``;
+* ``"none"``: ``refresh=None``, one compiled step that follows the schedule
+  by itself (under ``lax.cond`` unless it refreshes every step), the path of
+  ``nnx.Optimizer``, ``lax.scan`` loops and the docstring examples.
+
+Every program is ``jax.jit(loop.make_train_step(...))`` with the state
+donated (as a training loop would), lowered on a sample and compiled ahead of
+time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from xsam_optax.train import loop
+
+import _schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  name: str
+  optimizer: str  # "sgd" | "sam" | "xsam"
+  schedule: Optional[_schedules.Schedule] = None
+  path: str = "host"  # "host" | "none"
+
+  @property
+  def period(self) -> int:
+    return self.schedule.update_every if self.schedule else 1
+
+  def programs(self) -> dict[str, tuple]:
+    """``{role: program key}``: which compiled steps one period runs.
+
+    Keys are shared between rows that compile to the same program: every
+    host-chosen X-SAM row's step without refresh is the same.
+    """
+    if self.optimizer != "xsam":
+      return {"step": (self.optimizer,)}
+    s = self.schedule
+    if self.path == "none" or s.update_every == 1:
+      return {"step": ("xsam", s, None)}
+    return {"refresh": ("xsam", s.program, True),
+            "plain": ("xsam", "plain", False)}
+
+
+def optimizer(row: Row, learning_rate: float):
+  """``loop.make_optimizer``'s transform for ``row``."""
+  if row.optimizer != "xsam":
+    opt = loop.make_optimizer(row.optimizer, learning_rate=learning_rate)
+  else:
+    s = row.schedule
+    opt = loop.make_optimizer("xsam", learning_rate=learning_rate,
+                              update_every=s.update_every,
+                              num_iters=s.num_iters, method=s.method)
+  return getattr(opt, "tx", opt)  # make_optimizer may return (tx, period)
+
+
+def lower(model, row: Row, key: tuple, state, x, y, learning_rate: float):
+  """The lowered program ``key`` of ``row`` (see :meth:`Row.programs`)."""
+  tx = optimizer(row, learning_rate)
+  curvature = ("hessian" if row.schedule is None
+               else _schedules.curvature(model, row.schedule))
+  step = jax.jit(loop.make_train_step(model, tx, curvature=curvature),
+                 static_argnames="refresh", donate_argnums=0)
+  refresh = key[-1] if row.optimizer == "xsam" else None
+  return step.lower(state, x, y, refresh=refresh)
+
+
+def init_state(model, row: Row, x, *, seed: int, learning_rate: float,
+               variables) -> loop.TrainState:
+  return loop.init_state(model, optimizer(row, learning_rate), x, seed=seed,
+                         variables=variables)
+
+
+def period_runner(row: Row, exe: dict[tuple, Any], state, batches):
+  """A zero-argument callable running one refresh period of ``row``'s steps.
+
+  Carries the state from call to call (it is donated), so the eigenvector
+  refreshes from its previous value as in training; host-chosen rows refresh
+  on the first step of the period and run the plain step after.
+  """
+  roles = row.programs()
+  carry = {"state": jax.tree.map(jnp.copy, state), "i": 0}
+
+  def run():
+    s, i = carry["state"], carry["i"]
+    for j in range(row.period):
+      x, y = batches[(i + j) % len(batches)]
+      role = "step" if "step" in roles else ("refresh" if j == 0 else "plain")
+      s, metrics = exe[roles[role]](s, x, y)
+    carry["state"], carry["i"] = s, i + row.period
+    return metrics["loss"]
+
+  return run
+
+
+def gradient_fn(model):
+  """``value_and_grad`` of the training-mode loss: the unit of cost."""
+  loss_fn = loop.make_train_loss(model)
+  return jax.jit(lambda p, s, x, y: jax.value_and_grad(
+      loss_fn, has_aux=True)(p, s, x, y))
+
+
+def hvp_fn(model):
+  """One exact Hessian-vector product on the batch (jvp of grad)."""
+  return jax.jit(lambda p, s, x, y, v: jax.jvp(
+      loop.make_grad_fn(model, s, x, y), (p,), (v,))[1])
+
+
+def xla_bytes(compiled) -> Optional[int]:
+  """XLA's accounting of a compiled program: arguments + outputs + temporaries - aliased."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # Not every backend implements it.
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes
+             + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def param_bytes(params) -> int:
+  return int(sum(a.nbytes for a in jax.tree.leaves(params)))
+
