@@ -89,7 +89,7 @@ def initial_grid(spec: dict[str, Any], setting: str) -> tuple[float, ...]:
   return GRIDS[spec["grid"]]
 
 _XSAM = {"name": "xsam", "alpha": 0.2, "normalize": True, "sign_invariant": False}
-LANCZOS = {"method": "lanczos", "num_iters": 4}  # the library's default estimator
+LANCZOS = {"method": "lanczos", "num_iters": 4}  # the library default when the study ran (every 5 steps)
 POWER = {"method": "power", "num_iters": 5}  # the reference's schedule
 # Methods: make_optimizer name and keywords, the grid, and the estimator.
 METHODS: dict[str, dict[str, Any]] = {
