@@ -122,6 +122,27 @@ def test_failed_user_estimate_keeps_the_previous_eigenvector(x64):
   assert float(new.eigenvalue) == float(state.eigenvalue)
 
 
+def test_user_estimate_is_stored_in_the_parameters_dtypes():
+  """An estimator may compute in float32 for bf16 parameters: the stored
+  eigenvector keeps the parameters' dtype, so the state types stay fixed
+  (both branches of the schedule's lax.cond must agree)."""
+  params, loss, batch = mlp_problem(dtype=jnp.float32)
+  params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  grad_fn = jax.grad(lambda p: loss(p, batch).astype(jnp.float32))
+
+  def in_float32(matvec, v0):
+    up = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+    down = lambda t: jax.tree.map(lambda x, p: x.astype(p.dtype), t, v0)
+    return shifted_power(lambda v: up(matvec(down(v))), up(v0))
+
+  tx = xsam_optax.eigenvector_correction(0.3, method=in_float32)
+  state = tx.init(params16)
+  _, new = jax.jit(lambda s: tx.update(grad_fn(params16), s, params16,
+                                       grad_fn=grad_fn))(state)
+  chex.assert_trees_all_equal_dtypes(new.eigenvector, params16)
+  assert float(new.eigenvalue) != 0.0
+
+
 def test_estimator_returning_several_pairs_is_named():
   params, loss, batch = mlp_problem(dtype=jnp.float32)
   grad_fn = jax.grad(lambda p: loss(p, batch))
