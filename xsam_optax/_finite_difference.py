@@ -56,6 +56,15 @@ def finite_difference_fn(
   Pass the result as ``curvature_fn`` to the ``update`` of
   :func:`eigenvector_correction` or :func:`xsam`.
 
+  Args:
+    grad_fn: parameters -> gradient of the training loss on the mini-batch.
+    grads: ``grad_fn(params)`` if already computed (saves a gradient).
+    scale: the step in units of :math:`\sqrt{\epsilon}\max(1, \|\theta\|)`
+      (``> 0``).
+
+  Returns:
+    A function ``(params, v) -> product``, pytrees like ``params``.
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> import xsam_optax
@@ -65,15 +74,6 @@ def finite_difference_fn(
     >>> hv = fd(params, {"w": jnp.array([0.0, 1.0])})
     >>> [round(float(x), 1) for x in hv["w"]]
     [0.0, 3.0]
-
-  Args:
-    grad_fn: parameters -> gradient of the training loss on the mini-batch.
-    grads: ``grad_fn(params)`` if already computed (saves a gradient).
-    scale: the step in units of :math:`\sqrt{\epsilon}\max(1, \|\theta\|)`
-      (``> 0``).
-
-  Returns:
-    A function ``(params, v) -> product``, pytrees like ``params``.
   """
   if not callable(grad_fn):
     raise ValueError(f"grad_fn must be callable, got {grad_fn!r}.")
