@@ -7,6 +7,7 @@ import optax
 
 from xsam_optax import _correction
 from xsam_optax import _sam
+from xsam_optax import _validation
 
 
 def sam(
@@ -31,6 +32,7 @@ def sam(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` needing ``grad_fn``.
   """
+  _validation.check_transformation("optimizer", optimizer)
   return optax.chain(
       _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),
       optimizer,
@@ -91,6 +93,7 @@ def xsam(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` needing ``grad_fn``.
   """
+  _validation.check_transformation("optimizer", optimizer)
   return optax.chain(
       _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),
       _correction.eigenvector_correction(

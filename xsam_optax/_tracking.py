@@ -150,6 +150,8 @@ def track(
   :func:`gauss_newton_fn`).
   """
   _sam.require_grad_fn(grad_fn, params, owner=owner)
+  params = _sam.as_arrays(params)
+  refresh = _validation.check_refresh(refresh)
   _tree.check_same_structure(
       params, jax.eval_shape(grad_fn, params), what="grad_fn")
   if hvp_grad_fn is not None and curvature_fn is not None:
@@ -176,10 +178,19 @@ def track(
       _tree.check_same_structure(
           params, jax.eval_shape(hvp_grad_fn, params), what="hvp_grad_fn")
     product = functools.partial(_hvp.hvp, hvp_grad_fn, params)
+  if not jax.tree.leaves(params):
+    return _kept(state)  # Nothing to estimate.
   if refresh is None:
     # Every step refreshes when update_every == 1: no lax.cond needed.
     refresh = (True if schedule.update_every == 1
                else state.count % schedule.update_every == 0)
+  if isinstance(refresh, jax.Array):
+    # Called without jit the choice is known here; a lax.cond would be
+    # traced and compiled anew at every call (seconds per step).
+    try:
+      refresh = bool(refresh)
+    except jax.errors.ConcretizationTypeError:
+      pass
   if isinstance(refresh, (bool, np.bool_)):
     if refresh:
       return _refreshed(state, product, schedule)

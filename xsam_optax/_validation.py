@@ -4,9 +4,13 @@ Floats are checked only when they are plain Python numbers, so that
 ``optax.inject_hyperparams`` (which passes arrays) keeps working.
 """
 
+import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+import jax
+import numpy as np
 
 
 def check_int(name: str, value: Any, *, minimum: int,
@@ -29,15 +33,20 @@ def check_int(name: str, value: Any, *, minimum: int,
 
 def check_float(name: str, value: Any, *, minimum: float,
                 maximum: Optional[float] = None) -> None:
-  """Requires ``minimum <= value <= maximum`` when ``value`` is a number."""
+  """Requires a finite ``minimum <= value <= maximum`` for a plain number.
+
+  NaN and infinities are rejected even without an upper bound: ``rho=inf``
+  would put every SAM point at infinity.
+  """
   if isinstance(value, bool):
     raise ValueError(f"{name} must be a number, got {value!r}.")
   if not isinstance(value, numbers.Real):
     return  # An array or tracer, e.g. from optax.inject_hyperparams.
   allowed = (f"in [{minimum}, {maximum}]" if maximum is not None
              else f">= {minimum}")
-  if not (minimum <= value and (maximum is None or value <= maximum)):
-    raise ValueError(f"{name} must be {allowed}, got {value}.")
+  if not (math.isfinite(value) and minimum <= value
+          and (maximum is None or value <= maximum)):
+    raise ValueError(f"{name} must be a finite number {allowed}, got {value}.")
 
 
 def check_bool(name: str, value: Any) -> None:
@@ -57,3 +66,35 @@ def check_axis_name(name: str, value: Any) -> None:
     raise ValueError(
         f"{name} must be None, an axis name (str) or a tuple of them, "
         f"got {value!r}.")
+
+
+def check_transformation(name: str, value: Any) -> None:
+  """Requires an object with ``init`` and ``update``, e.g. ``optax.sgd(0.1)``."""
+  if not (callable(getattr(value, "init", None))
+          and callable(getattr(value, "update", None))):
+    raise ValueError(
+        f"{name} must be an optax.GradientTransformation, e.g. "
+        f"optax.sgd(0.1) (not the factory optax.sgd), got {value!r}.")
+
+
+def check_refresh(refresh: Any) -> Union[None, bool, jax.Array]:
+  """``update``'s ``refresh``: None, a bool, or a boolean scalar array.
+
+  Returns a Python bool for every value known on the host (NumPy bools and
+  0-d boolean NumPy arrays included), so that the caller needs no
+  ``lax.cond`` for them, and a JAX boolean scalar (maybe traced) unchanged.
+  An int is rejected rather than read as a bool: ``refresh=step % 5`` is a
+  common slip for ``refresh=step % 5 == 0``.
+  """
+  if refresh is None or isinstance(refresh, bool):
+    return refresh
+  if isinstance(refresh, np.bool_):
+    return bool(refresh)
+  if (isinstance(refresh, (np.ndarray, jax.Array))
+      and refresh.shape == () and refresh.dtype == np.bool_):
+    return bool(refresh) if isinstance(refresh, np.ndarray) else refresh
+  raise ValueError(
+      "refresh must be None (follow the schedule in the state), a Python "
+      "bool (the host's choice: xsam_optax.refresh_due(step, update_every)) "
+      f"or a boolean scalar array, got {refresh!r} "
+      f"({type(refresh).__name__}).")

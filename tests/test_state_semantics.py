@@ -1,0 +1,51 @@
+"""Which vector the state's ``eigenvalue`` belongs to, as documented.
+
+Oracle: the dense Hessian of a small MLP in float64 and the power/Lanczos
+iterates restated on it.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+import xsam_optax
+from conftest import dense_hessian
+from conftest import flat
+from conftest import mlp_problem
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+def test_eigenvalue_belongs_to_the_documented_vector(x64, method):
+  params, loss, batch = mlp_problem()
+  batch_loss = lambda p: loss(p, batch)
+  grad_fn = jax.grad(batch_loss)
+  tx = xsam_optax.eigenvector_correction(0.2, update_every=1, num_iters=2,
+                                         method=method)
+
+  @jax.jit  # one program, not dozens of eager operations compiled one by one
+  def run(params):
+    start = tx.init(params)
+    _, state = tx.update(grad_fn(params), start, params, grad_fn=grad_fn)
+    return dense_hessian(batch_loss, params), start, state
+
+  h, start, state = run(params)
+  h = np.asarray(h)
+  stored = np.asarray(flat(state.eigenvector))
+  eigenvalue = float(state.eigenvalue)
+  rayleigh = lambda u: float(u @ h @ u)
+  if method == "lanczos":
+    # The Ritz value of the stored Ritz vector.
+    np.testing.assert_allclose(eigenvalue, rayleigh(stored), rtol=1e-10)
+    return
+  # Power, two products from v0: u = H v0 / ||H v0|| is multiplied last, the
+  # eigenvalue is u^T H u, and the stored vector is H u / ||H u||.
+  v0 = np.asarray(flat(start.eigenvector))
+  u = h @ v0 / np.linalg.norm(h @ v0)
+  np.testing.assert_allclose(stored, h @ u / np.linalg.norm(h @ u),
+                             rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(eigenvalue, rayleigh(u), rtol=1e-10)
+  np.testing.assert_allclose(float(state.residual),
+                             np.linalg.norm(h @ u - eigenvalue * u),
+                             rtol=1e-8)
+  # Not yet converged: the stored vector's own quotient is another number.
+  assert abs(rayleigh(stored) - eigenvalue) > 1e-3 * abs(eigenvalue)
