@@ -19,6 +19,11 @@ def sam(
 ) -> optax.GradientTransformationExtraArgs:
   """SAM: ``optax.chain(sam_ascent(rho, ...), optimizer)``.
 
+  The ascent replaces the gradient by one computed with ``grad_fn``: clip or
+  decay inside ``optimizer`` (``sam(optax.chain(optax.clip_by_global_norm(1.0),
+  optax.sgd(0.1)))``), never in a chain before ``sam(...)``, where it would
+  only tilt the perturbation; see :func:`sam_ascent`.
+
   Examples:
     >>> import optax, xsam_optax
     >>> tx = xsam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
@@ -62,6 +67,17 @@ def xsam(
   For speed, let the training loop choose the refresh steps:
   ``tx.update(..., refresh=xsam_optax.refresh_due(step, update_every))``
   inside a step jitted with ``static_argnames="refresh"``.
+
+  **Composing.** The SAM ascent replaces the gradient by one computed with
+  ``grad_fn``, so clipping and weight decay go inside ``optimizer``
+  (``xsam(optax.chain(optax.clip_by_global_norm(1.0),
+  optax.add_decayed_weights(5e-4), optax.sgd(0.1)))``), not in a chain
+  before ``xsam(...)``; ``update(..., check_incoming=True)`` raises if
+  something changed the gradient before the ascent. Accumulate micro-batches
+  with :func:`accumulated_grad_fn` as ``grad_fn``, not with
+  ``optax.MultiSteps``. With Flax Linen use
+  :class:`xsam_optax.flax_utils.TrainState`, whose ``apply_gradients``
+  forwards ``grad_fn``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax

@@ -239,9 +239,9 @@ def sam_ascent(
   ``optax.chain(sam_ascent(0.05), optax.clip_by_global_norm(1.0),
   optax.sgd(0.1))``. ``update(..., check_incoming=True)`` verifies that the
   incoming gradient is ``grad_fn(params)`` and raises otherwise; it costs one
-  more gradient (none under ``jax.jit`` where XLA merges it with yours), and
-  also catches ``optax.MultiSteps`` around the ascent (accumulate with
-  :func:`accumulated_grad_fn` instead).
+  more gradient (under ``jax.jit``, XLA can merge it with your own
+  ``grad_fn(params)``), and also catches ``optax.MultiSteps`` around the
+  ascent (accumulate with :func:`accumulated_grad_fn` instead).
 
   **A loss not finite at the SAM point** (finite at :math:`\theta`, not at
   :math:`\theta + \epsilon`) gives a zero gradient to the base optimizer,
