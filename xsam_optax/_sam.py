@@ -125,11 +125,12 @@ def call_grad_fn(grad_fn: Callable[[PyTree], PyTree], tree: PyTree, *,
   except Exception as e:
     if hasattr(e, "add_note"):  # Python >= 3.11
       e.add_note(
-          f"(grad_fn failed when xsam_optax.{owner} called it with a pytree "
-          f"of structure {jax.tree.structure(tree)}: the params this "
-          "transform received. Inside an optax wrapper that changes the "
-          "parameters' structure (optax.flatten, optax.masked, "
-          "optax.multi_transform, ...) grad_fn cannot take them; see the "
+          f"(grad_fn failed when xsam_optax.{owner} called it with one "
+          "argument, parameters shaped like the params it received: "
+          f"{jax.tree.structure(tree)}. grad_fn takes the parameters alone, "
+          "e.g. jax.grad(lambda p: loss_fn(p, batch)). Inside an optax "
+          "wrapper that changes the parameters' structure (optax.flatten, "
+          "optax.masked, optax.multi_transform) it cannot work; see the "
           "README, 'Composing with optax and Flax'.)")
     raise
 

@@ -173,4 +173,6 @@ def check_same_structure(expected: PyTree, got: PyTree, *, what: str) -> None:
           f"{what} returned a leaf of shape {have_shape} and dtype "
           f"{have_dtype} at {where}, but params{where} has shape "
           f"{want_shape} and dtype {want_dtype}: {what} must return the "
-          "gradient with respect to params, leaf for leaf.")
+          "gradient with respect to params, leaf for leaf (jax.grad does; "
+          "cast a gradient computed in another precision back with "
+          "jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)).")
