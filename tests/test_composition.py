@@ -373,6 +373,26 @@ def test_frozen_parameters_recipe_is_sam_on_the_trainable_ones():
   assert set(updates) == {"w"}
 
 
+def test_multi_transform_as_the_base_optimizer_works():
+  # Documented: per-group base optimizers inside xsam are fine (SAM and the
+  # correction act on all parameters; only the base step differs by group).
+  labels = {"w": "fast", "b": "slow"}
+  direction = []
+  probe = optax.GradientTransformation(
+      lambda p: optax.EmptyState(),
+      lambda u, s, p=None: (direction.append(u), (u, s))[1])
+  make = lambda base: xsam_optax.xsam(
+      optax.chain(probe, base), rho=RHO, update_every=1, num_iters=1,
+      method="power")
+  tx = make(optax.multi_transform(
+      {"fast": optax.sgd(1.0), "slow": optax.sgd(0.1)}, labels))
+  updates, _ = tx.update(GRAD_FN(PARAMS), tx.init(PARAMS), PARAMS,
+                         grad_fn=GRAD_FN)
+  d = direction[-1]
+  np.testing.assert_allclose(updates["w"], -1.0 * d["w"], rtol=1e-6)
+  np.testing.assert_allclose(updates["b"], -0.1 * d["b"], rtol=1e-6)
+
+
 # --------------------------------------------------- almost-right inputs
 
 
