@@ -17,8 +17,8 @@ steps, are the first X-SAM row):
   by the Python loop;
 * **Lanczos** vs power iteration, both warm-started, at 3, 4 and 5 products;
   the reference schedule (power 5) in its own rows;
-* HVPs on a **sub-batch** (``hvp_grad_fn``: the gradient on the first 1/4 or
-  1/2 of the mini-batch; quality is still measured against the full batch's
+* HVPs on a **sub-batch** (``curvature_fn=hessian_fn(...)``: the gradient on the
+  first 1/4 or 1/2 of the mini-batch; quality is still measured against the full batch's
   Hessian);
 * one power step on every step (``update_every=1``: no ``lax.cond``, the
   product spread over the steps instead of bunched in one);
@@ -365,13 +365,14 @@ class Bench:
     if v.optimizer == "xsam":
       kw.update(update_every=v.update_every, num_iters=v.num_iters,
                 method=v.method)
-    return loop.make_optimizer(v.optimizer, **kw)
+    return loop.make_optimizer(v.optimizer, **kw).tx
 
   def _step_fn(self, tx, hvp_fraction: float, curvature: str = "hessian"):
-    """``loop.make_train_step`` plus ``hvp_grad_fn`` on a leading sub-batch
+    """``loop.make_train_step`` plus the Hessian of a leading sub-batch
     or a Gauss-Newton ``curvature_fn``."""
     import jax
     import optax
+    import xsam_optax
     from xsam_optax.train import loop
 
     model = self.model
@@ -388,8 +389,8 @@ class Bench:
             model, state.batch_stats, x, y)
       if hvp_fraction < 1.0:
         n = max(2, int(round(hvp_fraction * x.shape[0])))
-        extra["hvp_grad_fn"] = loop.make_grad_fn(
-            model, state.batch_stats, x[:n], y[:n])
+        extra["curvature_fn"] = xsam_optax.hessian_fn(loop.make_grad_fn(
+            model, state.batch_stats, x[:n], y[:n]))
       updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                      grad_fn=grad_fn, **extra)
       params = optax.apply_updates(state.params, updates)

@@ -89,13 +89,15 @@ def evaluate(model, x, y):
 
 
 def make_tx(name, schedule, args):
+  """The transform, and its refresh period for the host's schedule (``None``: no refreshes)."""
   base = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
   if name == "sgd":
-    return base
+    return base, None
   if name == "sam":
-    return xsam_optax.sam(base, rho=args.rho)
+    return xsam_optax.sam(base, rho=args.rho), None
   return xsam_optax.xsam(base, rho=args.rho, alpha=args.alpha,
-                         update_every=args.update_every, num_iters=args.num_iters)
+                         update_every=args.update_every, num_iters=args.num_iters
+                         ), args.update_every
 
 
 def main(argv=None):
@@ -118,7 +120,8 @@ def main(argv=None):
   schedule = optax.cosine_decay_schedule(args.lr, steps_per_epoch * args.epochs)
   model = CNN(ds.x_train.shape[1:-1], ds.x_train.shape[-1], ds.num_classes,
               rngs=nnx.Rngs(args.seed))
-  optimizer = nnx.Optimizer(model, make_tx(args.optimizer, schedule, args), wrt=nnx.Param)
+  tx, refresh_every = make_tx(args.optimizer, schedule, args)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   step = 0
   for epoch in range(args.epochs):
@@ -126,8 +129,8 @@ def main(argv=None):
     model.train()
     losses = []
     for idx in order[: steps_per_epoch * args.batch_size].reshape(steps_per_epoch, -1):
-      refresh = (xsam_optax.refresh_due(step, args.update_every)
-                 if args.optimizer == "xsam" else None)
+      refresh = (None if refresh_every is None
+                 else xsam_optax.refresh_due(step, refresh_every))
       loss, _ = train_step(model, optimizer, ds.x_train[idx], ds.y_train[idx], refresh=refresh)
       losses.append(loss)
       step += 1

@@ -5,6 +5,8 @@ float hyperparameters only when they are plain Python numbers, so arrays (as
 ``optax.inject_hyperparams`` passes them) are accepted.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,7 @@ def loss(p):
 
 PARAMS = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([0.5, 0.1, -0.3])}
 GRAD_FN = jax.grad(loss)
+LANCZOS_3 = functools.partial(xsam_optax.lanczos, num_iters=3)
 
 
 # (label, build, argument, value as printed, allowed range as printed)
@@ -65,6 +68,15 @@ CONSTRUCTION_ERRORS = [
      "num_iters", "True", "int"),
     ("xsam lanczos num_iters=1", lambda: xsam_optax.xsam(SGD, num_iters=1),
      "num_iters", "1", "method='power'"),
+    ("xsam method neither name nor callable",
+     lambda: xsam_optax.xsam(SGD, method=3),
+     "method", "3", "or a callable (matvec, v0) -> EigenResult"),
+    ("callable method with num_iters",
+     lambda: xsam_optax.xsam(SGD, method=LANCZOS_3, num_iters=8),
+     "num_iters", "num_iters=8", "functools.partial"),
+    ("eigen_sam callable method with num_iters",
+     lambda: xsam_optax.eigen_sam_ascent(method=LANCZOS_3, num_iters=4),
+     "num_iters", "num_iters=4", "functools.partial"),
     ("xsam seed<0", lambda: xsam_optax.xsam(SGD, seed=-1),
      "seed", "-1", ">= 0"),
     ("sam_ascent adaptive", lambda: xsam_optax.sam_ascent(adaptive="yes"),

@@ -6,6 +6,7 @@ and build dense Hessians with ``jax.hessian``.
 
 import functools
 
+import chex
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
@@ -60,10 +61,6 @@ def setup():
   return variables["params"], batch_stats, x, y
 
 
-def assert_trees_close(a, b, **kw):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **kw), a, b)
-
-
 def trees_differ(a, b, tol=1e-5):
   gaps = jax.tree.leaves(jax.tree.map(lambda u, v: jnp.max(jnp.abs(u - v)), a, b))
   return max(float(g) for g in gaps) > tol
@@ -78,14 +75,14 @@ def test_running_stats_updated_once_from_clean_pass(setup, refresh):
   params, batch_stats, x, y = setup
   rho = 0.5
   tx = loop.make_optimizer("xsam", learning_rate=0.1, rho=rho, alpha=0.5,
-                           update_every=1, num_iters=2)
+                           update_every=1, num_iters=2).tx
   state = init(tx, params, batch_stats)
   step = jax.jit(loop.make_train_step(MODEL, tx), static_argnames="refresh")
 
   for _ in range(2):
     expected = clean_stats(state.params, state.batch_stats, x)
     new_state, _ = step(state, x, y, refresh=refresh)
-    assert_trees_close(new_state.batch_stats, expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(new_state.batch_stats, expected, rtol=1e-5, atol=1e-6)
     # Controls that the comparison can tell apart: two updates in one step, or
     # statistics from the SAM-perturbed parameters.
     assert trees_differ(new_state.batch_stats, clean_stats(state.params, expected, x))
@@ -102,21 +99,21 @@ def test_grad_fn_uses_batch_statistics_not_running_ones(setup):
   zeros = jax.tree.map(jnp.zeros_like, batch_stats)
   grad = jax.jit(lambda bs: loop.make_grad_fn(MODEL, bs, x, y)(params))
   g_running, g_zeros = grad(batch_stats), grad(zeros)
-  assert_trees_close(g_running, g_zeros, rtol=1e-6, atol=1e-7)
-  assert_trees_close(g_running, oracle_grad(params, batch_stats, x, y), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(g_running, g_zeros, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(g_running, oracle_grad(params, batch_stats, x, y), rtol=1e-5, atol=1e-6)
   assert trees_differ(g_running, oracle_grad(params, batch_stats, x, y, train=False))
 
 
 def test_sam_ascent_gradient_is_training_mode_on_same_batch(setup):
   params, batch_stats, x, y = setup
   lr, rho = 0.1, 0.2
-  tx = loop.make_optimizer("sam", learning_rate=lr, rho=rho, momentum=0.0, weight_decay=0.0)
+  tx = loop.make_optimizer("sam", learning_rate=lr, rho=rho, momentum=0.0, weight_decay=0.0).tx
   new_state, _ = jax.jit(loop.make_train_step(MODEL, tx))(init(tx, params, batch_stats), x, y)
 
   g = oracle_grad(params, batch_stats, x, y)
   g_adv = oracle_grad(optax.tree.add_scale(params, rho / optax.tree.norm(g), g),
                       batch_stats, x, y)
-  assert_trees_close(new_state.params, optax.tree.add_scale(params, -lr, g_adv),
+  chex.assert_trees_all_close(new_state.params, optax.tree.add_scale(params, -lr, g_adv),
                      rtol=1e-5, atol=1e-6)
 
 
@@ -146,7 +143,7 @@ def test_top_eigenvalue_is_of_training_mode_hessian(setup):
 def test_xsam_refresh_hvps_are_of_training_mode_hessian(setup):
   params, batch_stats, x, y = setup
   num_iters = 3
-  tx = loop.make_optimizer("xsam", learning_rate=0.1, method="power", num_iters=num_iters)
+  tx = loop.make_optimizer("xsam", learning_rate=0.1, method="power", num_iters=num_iters).tx
   state = init(tx, params, batch_stats)
   step = jax.jit(loop.make_train_step(MODEL, tx), static_argnames="refresh")
   new_state, _ = step(state, x, y, refresh=True)
@@ -156,6 +153,49 @@ def test_xsam_refresh_hvps_are_of_training_mode_hessian(setup):
   start = optax.tree.get(state.opt_state, "eigenvector")
   got = ravel_pytree(optax.tree.get(new_state.opt_state, "eigenvector"))[0]
   cosine = lambda train: abs(float(got @ dense_power_iteration(
+      params, batch_stats, x, y, start, train=train, num_iters=num_iters)))
+  assert cosine(train=True) > 1 - 1e-4
+  assert cosine(train=False) < 1 - 1e-2
+
+
+@functools.partial(jax.jit, static_argnames=("train", "num_iters"))
+def dense_gauss_newton_power_iteration(params, batch_stats, x, y, v0, train, num_iters):
+  """Oracle: power iteration on J^T H_z J of the logits, built densely."""
+  flat, unravel = ravel_pytree(params)
+
+  def logits(w):
+    variables = {"params": unravel(w), "batch_stats": batch_stats}
+    if train:
+      return MODEL.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    return MODEL.apply(variables, x, train=False)
+
+  z = logits(flat)
+  jac = jax.jacobian(lambda w: logits(w).ravel())(flat)
+  ce = lambda u: optax.softmax_cross_entropy_with_integer_labels(
+      u.reshape(z.shape), y).mean()
+  gauss_newton = jac.T @ jax.hessian(ce)(z.ravel()) @ jac
+  v = ravel_pytree(v0)[0]
+  for _ in range(num_iters):
+    v = gauss_newton @ v
+    v = v / jnp.linalg.norm(v)
+  return v
+
+
+def test_gauss_newton_refresh_is_of_training_mode_logits(setup):
+  """--curvature gauss-newton on a BatchNorm model: the refresh multiplies by
+  the Gauss-Newton matrix of the training-mode logits (batch statistics)."""
+  params, batch_stats, x, y = setup
+  num_iters = 3
+  tx = loop.make_optimizer("xsam", learning_rate=0.1, method="power",
+                           num_iters=num_iters).tx
+  state = init(tx, params, batch_stats)
+  step = jax.jit(loop.make_train_step(MODEL, tx, curvature="gauss-newton"),
+                 static_argnames="refresh")
+  new_state, _ = step(state, x, y, refresh=True)
+
+  start = optax.tree.get(state.opt_state, "eigenvector")
+  got = ravel_pytree(optax.tree.get(new_state.opt_state, "eigenvector"))[0]
+  cosine = lambda train: abs(float(got @ dense_gauss_newton_power_iteration(
       params, batch_stats, x, y, start, train=train, num_iters=num_iters)))
   assert cosine(train=True) > 1 - 1e-4
   assert cosine(train=False) < 1 - 1e-2
@@ -176,7 +216,7 @@ def test_nnx_example_updates_running_stats_once_from_clean_pass(setup):
   example = load_nnx_example()
   _, _, x, y = setup
   model = example.CNN((5,), 1, NUM_CLASSES, rngs=nnx.Rngs(0), features=(2,))
-  tx = loop.make_optimizer("xsam", learning_rate=0.1, rho=0.5, update_every=1, num_iters=2)
+  tx = loop.make_optimizer("xsam", learning_rate=0.1, rho=0.5, update_every=1, num_iters=2).tx
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   oracle = nnx.clone(model)
@@ -184,6 +224,6 @@ def test_nnx_example_updates_running_stats_once_from_clean_pass(setup):
   expected = nnx.state(oracle, nnx.BatchStat)
   params_before = nnx.clone(nnx.state(model, nnx.Param))
   example.train_step(model, optimizer, x, y, refresh=True)
-  assert_trees_close(nnx.state(model, nnx.BatchStat), expected, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(nnx.state(model, nnx.BatchStat), expected, rtol=1e-5, atol=1e-6)
   assert trees_differ(nnx.state(model, nnx.Param), params_before)
   assert float(optax.tree.get(optimizer.opt_state, "eigenvalue")) != 0.0

@@ -9,6 +9,7 @@ Oracles: the update formulas restated in NumPy, and the full-batch gradient.
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,31 +17,9 @@ import optax
 import pytest
 
 import xsam_optax
+from _oracles import flat, mlp_problem, oracle_correct
 
-
-def make_problem(dtype=jnp.float32, n=32, din=4, hidden=6):
-  """A tanh MLP regression: (params, loss_fn(params, batch), batch).
-
-  Data come from NumPy: eager JAX ops would each compile a tiny program.
-  """
-  rng = np.random.default_rng(0)
-  cast = lambda a: jnp.asarray(np.asarray(a, np.float32).astype(dtype))
-  params = {"hidden": {"w": cast(rng.normal(size=(din, hidden))),
-                       "b": cast(0.1 * rng.normal(size=hidden))},
-            "out": cast(0.5 * rng.normal(size=hidden))}
-  x = rng.normal(size=(n, din))
-  y = cast(np.sin(x @ np.arange(1, din + 1)))
-  x = cast(x)
-
-  def loss_fn(p, batch):
-    xb, yb = batch
-    h = jnp.tanh(xb @ p["hidden"]["w"] + p["hidden"]["b"])
-    return jnp.mean((h @ p["out"] - yb) ** 2)
-
-  return params, loss_fn, (x, y)
-
-
-PARAMS, LOSS_FN, BATCH = make_problem()
+PARAMS, LOSS_FN, BATCH = mlp_problem(dtype=jnp.float32, din=4, hidden=6)
 GRAD_FN = jax.jit(jax.grad(lambda p: LOSS_FN(p, BATCH)))
 
 TRANSFORMS = {
@@ -57,19 +36,6 @@ TRANSFORMS = {
         0.1, 0.3, update_every=2, num_iters=2, **kw),
 }
 COMPILED = ("sam_ascent", "eigenvector_correction", "sam", "xsam")
-
-
-def flat(tree):
-  """The leaves, ravelled and concatenated in NumPy (float64)."""
-  return np.concatenate([np.ravel(np.asarray(x, np.float64))
-                         for x in jax.tree.leaves(tree)])
-
-
-def oracle_correct(g, v, alpha):
-  """X-SAM's reference rule restated on flat NumPy vectors."""
-  g, v = flat(g), flat(v)
-  g_hat = g / np.linalg.norm(g)
-  return g_hat - alpha * abs(g_hat @ v) * v
 
 
 def oracle_ascent(params, g, rho, grad_fn=GRAD_FN):
@@ -92,34 +58,23 @@ def types(tree):
            for x in jax.tree.leaves(tree)])
 
 
-def assert_trees_close(a, b, **tol):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64),
-                               np.asarray(y, np.float64), **tol)
+def make_step(tx):
+  """A training step of ``tx`` on LOSS_FN, to be jitted."""
 
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-@functools.lru_cache(maxsize=None)
-def train_step(name):
-  """(tx, jitted step, trace counter) for one transform; compiled once."""
-  tx = TRANSFORMS[name]()
-  traces = []
-
-  @jax.jit
   def step(params, state, batch):
-    traces.append(None)
     grad_fn = jax.grad(lambda p: LOSS_FN(p, batch))
     updates, state = tx.update(grad_fn(params), state, params,
                                grad_fn=grad_fn)
     return optax.apply_updates(params, updates), state, updates
 
-  return tx, step, traces
+  return step
+
+
+@functools.lru_cache(maxsize=None)
+def train_step(name):
+  """(tx, jitted step) for one transform, shared by the tests below."""
+  tx = TRANSFORMS[name]()
+  return tx, jax.jit(make_step(tx))
 
 
 def batches(num):
@@ -154,13 +109,14 @@ def test_extra_keyword_arguments_are_ignored(name):
 
 @pytest.mark.parametrize("name", COMPILED)
 def test_no_recompilation_after_the_first_step(name):
-  tx, step, traces = train_step(name)
+  chex.clear_trace_counter()  # counts per function body, across parameters
+  tx = TRANSFORMS[name]()
+  step = jax.jit(chex.assert_max_traces(make_step(tx), n=1))
   params, state = PARAMS, tx.init(PARAMS)
   xs, ys = batches(4)
   for i in range(4):  # crosses refreshes (every 2 steps) and kept steps
     params, state, _ = step(params, state, (xs[i], ys[i]))
   assert step._cache_size() == 1
-  assert len(traces) == 1
 
 
 # ------------------------------------------------------------ state types
@@ -168,7 +124,7 @@ def test_no_recompilation_after_the_first_step(name):
 
 @pytest.mark.parametrize("name", COMPILED)
 def test_state_types_are_stable_across_steps(name):
-  tx, step, _ = train_step(name)
+  tx, step = train_step(name)
   params, state = PARAMS, tx.init(PARAMS)
   want = types(state)
   xs, ys = batches(3)
@@ -225,7 +181,7 @@ def test_bf16_params_keep_bf16_everywhere():
 def test_bf16_xsam_steps_track_float32():
   params16 = to_bf16(PARAMS)
   batch16 = to_bf16(BATCH)
-  tx, step, _ = train_step("xsam")
+  tx, step = train_step("xsam")
   p16, s16, u16 = step(params16, tx.init(params16), batch16)
   p32, s32, u32 = step(PARAMS, tx.init(PARAMS), BATCH)
   for tree in (p16, u16, s16[1].eigenvector, s16[2]):
@@ -237,6 +193,35 @@ def test_bf16_xsam_steps_track_float32():
   np.testing.assert_allclose(flat(u16), flat(u32), atol=3e-2)
   np.testing.assert_allclose(abs(flat(s16[1].eigenvector)
                                  @ flat(s32[1].eigenvector)), 1.0, atol=2e-2)
+
+
+def test_bf16_diagnostics_are_float32_accurate():
+  """eigenvalue and cos_angle are accumulated in float32, not bf16: with
+  inputs chosen so that every bf16 product is exact, they equal the exact
+  values, which bf16 cannot represent."""
+  n = 4096
+  i = np.arange(n)
+  d = (1 + (37 * i) % 101).astype(np.float32)  # integers: bf16-exact products
+  signs = lambda pattern: np.where(pattern, 1.0, -1.0) / 64.0  # unit norm
+  pattern = i % 3 == 0
+  params = {"w": jnp.asarray(signs(pattern), jnp.bfloat16)}
+  grad_fn = lambda p: {"w": jnp.asarray(d, jnp.bfloat16) * p["w"]}
+  tx = xsam_optax.eigenvector_correction(0.2, method="power", num_iters=1)
+  # Flips 1747 signs: cos(params, start) = (4096 - 2 * 1747) / 4096 = 301 / 2048.
+  start = {"w": jnp.asarray(signs(pattern ^ (i < 1747)), jnp.bfloat16)}
+  state = tx.init(params)._replace(eigenvector=start)
+
+  # One power step from `start`: the Rayleigh quotient is mean(d).
+  _, refreshed = tx.update(grad_fn(params), state, params, grad_fn=grad_fn,
+                           refresh=True)
+  eigenvalue = float(np.mean(d.astype(np.float64)))
+  # cos(g, v) with g = params, unit norm like start.
+  _, kept = tx.update(params, state, params, grad_fn=grad_fn, refresh=False)
+  cos = 301 / 2048
+  for got, want in ((refreshed.eigenvalue, eigenvalue), (kept.cos_angle, cos)):
+    assert got.dtype == jnp.float32
+    assert float(jnp.asarray(want, jnp.bfloat16)) != want  # bf16 would round
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
 
 
 # ---------------------------------------------------- inject_hyperparams
@@ -251,7 +236,7 @@ def test_inject_hyperparams_rho_in_sam_ascent():
   g = GRAD_FN(PARAMS)
   for rho in (0.05, 0.4):
     state.hyperparams["rho"] = jnp.float32(rho)
-    assert_trees_close(step(state), oracle_ascent(PARAMS, g, rho), rtol=1e-5,
+    chex.assert_trees_all_close(step(state), oracle_ascent(PARAMS, g, rho), rtol=1e-5,
                        atol=1e-7)
   assert step._cache_size() == 1  # a new rho is data, not a recompile
 
@@ -297,7 +282,7 @@ def test_apply_if_finite_is_transparent_on_finite_steps():
   name = "xsam"
   inner = TRANSFORMS[name]()
   tx = optax.apply_if_finite(inner, max_consecutive_errors=2)
-  _, plain_step, _ = train_step(name)
+  _, plain_step = train_step(name)
 
   @jax.jit
   def step(params, state, batch):
@@ -314,8 +299,8 @@ def test_apply_if_finite_is_transparent_on_finite_steps():
     ref_params, ref_state, _ = plain_step(ref_params, ref_state,
                                           (xs[i], ys[i]))
   assert int(state.total_notfinite) == 0
-  assert_trees_close(params, ref_params, rtol=1e-6, atol=1e-7)
-  assert_trees_close(state.inner_state, ref_state, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(params, ref_params, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(state.inner_state, ref_state, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------ lax.scan loops
@@ -324,7 +309,7 @@ def test_apply_if_finite_is_transparent_on_finite_steps():
 def test_lax_scan_training_loop_with_lax_cond_equals_python_loop():
   # A scanned loop that skips some steps under lax.cond (as users skip, e.g.,
   # bad batches), against a Python loop over the same jitted step.
-  tx, step, _ = train_step("xsam")
+  tx, step = train_step("xsam")
   xs, ys = batches(6)
   skip = np.array([False, False, True, False, True, False])
 
@@ -344,8 +329,8 @@ def test_lax_scan_training_loop_with_lax_cond_equals_python_loop():
     if not skip[i]:
       ref_params, ref_state, _ = step(ref_params, ref_state, (xs[i], ys[i]))
     ref_eigenvalues.append(optax.tree.get(ref_state, "eigenvalue"))
-  assert_trees_close(params, ref_params, rtol=1e-5, atol=1e-6)
-  assert_trees_close(state, ref_state, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(params, ref_params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state, ref_state, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(eigenvalues, ref_eigenvalues, rtol=1e-5)
   assert int(optax.tree.get(state, "count")) == 4
   assert len(set(np.asarray(eigenvalues).tolist())) >= 2  # refreshes ran
@@ -359,11 +344,11 @@ def test_accumulated_grad_fn_equals_full_batch_gradient():
   for m in (1, 8):
     got = xsam_optax.accumulated_grad_fn(LOSS_FN, BATCH, m)(PARAMS)
     assert types(got) == types(full)
-    assert_trees_close(got, full, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(got, full, rtol=1e-5, atol=1e-7)
 
 
 def test_xsam_with_accumulated_grad_fn_equals_full_batch_update():
-  tx, full_step, _ = train_step("xsam")
+  tx, full_step = train_step("xsam")
   micro_grad_fn = xsam_optax.accumulated_grad_fn(LOSS_FN, BATCH, 8)
 
   @jax.jit
@@ -377,9 +362,9 @@ def test_xsam_with_accumulated_grad_fn_equals_full_batch_update():
   p_micro, s_micro, u_micro = micro_step(PARAMS, state)
   # A refresh ran, so Hessian-vector products went through the scan too.
   assert float(optax.tree.get(s_full, "eigenvalue")) > 0
-  assert_trees_close(u_micro, u_full, rtol=2e-5, atol=1e-6)
-  assert_trees_close(s_micro, s_full, rtol=2e-5, atol=1e-6)
-  assert_trees_close(p_micro, p_full, rtol=2e-5, atol=1e-6)
+  chex.assert_trees_all_close(u_micro, u_full, rtol=2e-5, atol=1e-6)
+  chex.assert_trees_all_close(s_micro, s_full, rtol=2e-5, atol=1e-6)
+  chex.assert_trees_all_close(p_micro, p_full, rtol=2e-5, atol=1e-6)
 
 
 def test_accumulated_grad_fn_uses_a_fraction_of_the_memory():

@@ -3,7 +3,7 @@ import numpy as np
 import optax
 
 import xsam_optax
-from conftest import flat, mlp_problem
+from _oracles import flat, mlp_problem
 
 
 def test_eigen_sam_perturbation_equals_the_formula(x64):

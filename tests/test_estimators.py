@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import xsam_optax
-from conftest import conv_problem, dense_hessian, flat, mlp_problem
+from _oracles import conv_problem, dense_hessian, flat, mlp_problem
 
 
 def diagonal_operator(eigenvalues):
@@ -103,6 +103,48 @@ def test_power_iteration_tolerance_stops_early(x64):
   assert 5 < int(result.num_matvecs) < 100
   assert float(result.residual) <= 1e-6 * abs(float(result.eigenvalue))
   np.testing.assert_allclose(result.eigenvalue, 4.0, rtol=1e-6)
+
+
+def test_power_iteration_tolerance_is_relative(x64):
+  """The stop is ||Av - lambda v|| <= tol |lambda|: scaling the operator
+  changes neither the number of products nor the direction."""
+  eigenvalues = np.array([4.0, 1.0, 0.5, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0])
+  results = []
+  for scale in (1e-3, 1.0, 1e3):
+    matvec, tree = diagonal_operator(scale * eigenvalues)
+    results.append(xsam_optax.power_iteration(matvec, tree(np.ones(10)),
+                                              num_iters=500, tol=1e-6))
+  assert len({int(r.num_matvecs) for r in results}) == 1, [
+      int(r.num_matvecs) for r in results]
+  for r, scale in zip(results, (1e-3, 1.0, 1e3)):
+    np.testing.assert_allclose(r.eigenvalue, 4.0 * scale, rtol=1e-6)
+    np.testing.assert_allclose(flat(r.eigenvector), flat(results[1].eigenvector),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_lanczos_without_reorthogonalisation(x64):
+  """The three-term recurrence alone: the same Ritz pairs as with full
+  reorthogonalisation before any converges; once the top one has converged
+  it comes back as a spurious copy (a "ghost"), which full
+  reorthogonalisation prevents. Oracle: the dense spectrum."""
+  n = 40
+  rng = np.random.default_rng(0)
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  eigenvalues = np.r_[10.0, 9.0, np.linspace(0.0, 1.0, n - 2)]
+  a = jnp.asarray(q @ np.diag(eigenvalues) @ q.T)
+  matvec = lambda v: {"x": a @ v["x"]}
+  start = {"x": jnp.asarray(rng.normal(size=n))}
+  run = lambda m, reorthogonalize: xsam_optax.lanczos(
+      matvec, start, num_iters=m, k=3, reorthogonalize=reorthogonalize)
+
+  plain, full = run(6, False), run(6, True)
+  np.testing.assert_allclose(plain.eigenvalue, full.eigenvalue, rtol=1e-9)
+  np.testing.assert_allclose(plain.eigenvalue[:2], [10.0, 9.0], rtol=1e-6)
+  assert abs(np.asarray(plain.eigenvector["x"][0]) @ q[:, 0]) > 1 - 1e-5
+
+  plain, full = run(20, False), run(20, True)
+  np.testing.assert_allclose(full.eigenvalue[:2], [10.0, 9.0], rtol=1e-12)
+  np.testing.assert_allclose(plain.eigenvalue[:3], [10.0, 10.0, 9.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("estimator", [xsam_optax.power_iteration,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import xsam_optax
-from conftest import conv_problem, dense_hessian, flat, mlp_problem
+from _oracles import conv_problem, dense_hessian, flat, mlp_problem
 
 
 @pytest.mark.parametrize("problem", [mlp_problem, conv_problem])

@@ -6,6 +6,7 @@ restatement (the update formula in NumPy, or a dense eigendecomposition).
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import xsam_optax
+from _oracles import flat, oracle_correct
 
 METHODS = ("power", "lanczos")
 CURVATURE = jnp.array([10.0, 1.0])
@@ -28,32 +30,12 @@ def make_params(w=(1.0, 2.0), b=1.0):
   return {"w": jnp.asarray(w, jnp.float32), "b": jnp.full((3,), b, jnp.float32)}
 
 
-def flat(tree):
-  return np.asarray(ravel_pytree(tree)[0], np.float64)
-
-
-def oracle_correct(g, v, alpha, sign_invariant=False):
-  """X-SAM's rule restated on flat NumPy vectors."""
-  g, v = flat(g), flat(v)
-  norm = np.linalg.norm(g)
-  g_hat = g / norm if norm > 0 else np.zeros_like(g)
-  c = g_hat @ v
-  return g_hat - alpha * (c if sign_invariant else abs(c)) * v
-
-
 def all_finite(tree):
   return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
 def assert_unit(tree, atol=1e-5):
   np.testing.assert_allclose(np.linalg.norm(flat(tree)), 1.0, atol=atol)
-
-
-def assert_trees_equal(a, b):
-  """Bitwise equality, leaf by leaf, same structure."""
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def nan_like(tree, value=jnp.nan):
@@ -120,7 +102,7 @@ def test_zero_gradient_correction_gives_no_nan_anywhere(method):
   params = make_params(w=(0.0, 0.0), b=0.0)
   g, updates, state = run_correction(method, params)
   np.testing.assert_array_equal(flat(g), 0.0)
-  assert all_finite(updates) and all_finite(state)
+  chex.assert_tree_all_finite((updates, state))
   np.testing.assert_array_equal(flat(updates), 0.0)
   assert float(state.cos_angle) == 0.0
   assert_unit(state.eigenvector)
@@ -138,7 +120,7 @@ def test_zero_gradient_xsam_gives_no_nan_anywhere():
   state = tx.init(params)
   for _ in range(3):  # a refresh, a kept step, a refresh
     updates, state = step(params, state)
-    assert all_finite(updates) and all_finite(state)
+    chex.assert_tree_all_finite((updates, state))
     np.testing.assert_array_equal(flat(updates), 0.0)
     params = optax.apply_updates(params, updates)
   assert float(state[1].cos_angle) == 0.0
@@ -157,8 +139,8 @@ def test_zero_gradient_sam_ascent_evaluates_at_params(make):
   tx = make()
   updates, state = tx.update(nan_like(params, 0.0), tx.init(params), params,
                              grad_fn=grad_fn)
-  assert all_finite(updates) and all_finite(state)
-  assert_trees_equal(seen[-1], params)
+  chex.assert_tree_all_finite((updates, state))
+  chex.assert_trees_all_equal(seen[-1], params)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -166,7 +148,7 @@ def test_zero_gradient_and_zero_hessian_give_no_nan(method):
   # A constant loss: nothing to estimate and nothing to correct.
   params = make_params()
   _, updates, state = run_correction(method, params, quad=0.0)
-  assert all_finite(updates) and all_finite(state)
+  chex.assert_tree_all_finite((updates, state))
   np.testing.assert_array_equal(flat(updates), 0.0)
   assert_unit(state.eigenvector)
   assert float(state.eigenvalue) == 0.0
@@ -185,13 +167,13 @@ def test_nonfinite_gradient_keeps_previous_eigenvector(method):
     g, updates, new_state = run_correction(method, params, state, scale=bad)
     assert not all_finite(g)
     # The stored estimate is the previous one, bit for bit, and unit-norm.
-    assert_trees_equal(new_state.eigenvector, state.eigenvector)
+    chex.assert_trees_all_equal(new_state.eigenvector, state.eigenvector)
     assert_unit(new_state.eigenvector)
     assert float(new_state.eigenvalue) == float(state.eigenvalue)
     assert float(new_state.residual) == np.inf  # "unknown"
     # Documented: a non-finite gradient normalises to zero, never to NaN.
-    assert all_finite((new_state.eigenvector, new_state.eigenvalue,
-                       new_state.cos_angle))
+    chex.assert_tree_all_finite((new_state.eigenvector, new_state.eigenvalue,
+                                 new_state.cos_angle))
     np.testing.assert_array_equal(flat(updates), 0.0)
     assert int(new_state.count) == int(state.count) + 1
 
@@ -203,8 +185,8 @@ def test_nan_hvp_keeps_previous_eigenvector_and_corrects_with_it(method):
   # A finite gradient whose Hessian-vector products are NaN.
   g, updates, new_state = run_correction(method, params, state,
                                          poison_hvp=1.0)
-  assert all_finite(g)
-  assert_trees_equal(new_state.eigenvector, state.eigenvector)
+  chex.assert_tree_all_finite(g)
+  chex.assert_trees_all_equal(new_state.eigenvector, state.eigenvector)
   assert float(new_state.eigenvalue) == float(state.eigenvalue)
   assert float(new_state.residual) == np.inf
   np.testing.assert_allclose(
@@ -218,7 +200,7 @@ def test_poisoned_tangent_really_poisons_the_hvp():
   params = make_params()
   grad_fn = lambda p: jax.tree.map(lambda g: _poison_tangent(g, 1.0),
                                    jax.grad(quad_loss)(p))
-  assert all_finite(grad_fn(params))
+  chex.assert_tree_all_finite(grad_fn(params))
   assert not all_finite(xsam_optax.hvp(grad_fn, params, params))
 
 
@@ -230,14 +212,14 @@ def test_nan_at_perturbed_point_never_reaches_params():
   loss = lambda p: -jnp.sum(jnp.sqrt(1.0 - p["w"])) + jnp.sum(p["b"] ** 2)
   params = {"w": jnp.array([0.999, 0.0]), "b": jnp.ones(3)}
   grad_fn = jax.grad(loss)
-  assert all_finite(grad_fn(params))
+  chex.assert_tree_all_finite(grad_fn(params))
   eps = 0.5 * flat(grad_fn(params)) / np.linalg.norm(flat(grad_fn(params)))
   assert not all_finite(grad_fn(
       jax.tree.map(jnp.add, params, ravel_pytree(params)[1](eps))))
   tx = xsam_optax.xsam(optax.sgd(0.1), rho=0.5, update_every=1)
   state = tx.init(params)
   updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
-  assert all_finite(updates) and all_finite(state)
+  chex.assert_tree_all_finite((updates, state))
   np.testing.assert_array_equal(flat(updates), 0.0)
   assert_unit(state[1].eigenvector)
 
@@ -271,9 +253,9 @@ def test_apply_if_finite_skips_nan_step_without_corrupting_state():
   ref_params, ref_state = _skip_run(poison_at=(), num_steps=5)
   assert int(state.total_notfinite) == 2
   assert int(state.notfinite_count) == 0 and bool(state.last_finite)
-  assert_trees_equal(params, ref_params)
-  assert_trees_equal(state.inner_state, ref_state.inner_state)
-  assert all_finite(state.inner_state)
+  chex.assert_trees_all_equal(params, ref_params)
+  chex.assert_trees_all_equal(state.inner_state, ref_state.inner_state)
+  chex.assert_tree_all_finite(state.inner_state)
   assert_unit(state.inner_state[1].eigenvector)
 
 
@@ -291,8 +273,8 @@ def test_zero_hessian_keeps_warm_start_with_eigenvalue_zero(method):
   tx, _ = correction_step(method)
   state0 = tx.init(params)
   g, updates, state = run_correction(method, params, state0, lin=a, quad=0.0)
-  assert_trees_equal(g, a)
-  assert all_finite(updates) and all_finite(state)
+  chex.assert_trees_all_equal(g, a)
+  chex.assert_tree_all_finite((updates, state))
   np.testing.assert_allclose(flat(state.eigenvector), flat(state0.eigenvector),
                              atol=1e-6)
   assert_unit(state.eigenvector)
@@ -320,10 +302,30 @@ def test_negative_dominant_eigenvalue_power_vs_lanczos():
       tx = xsam_optax.eigenvector_correction(0.2, update_every=1,
                                              num_iters=iters, method=method)
       updates, state = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
-      assert all_finite(updates) and all_finite(state)
+      chex.assert_tree_all_finite((updates, state))
       np.testing.assert_allclose(float(state.eigenvalue), values[want],
                                  rtol=1e-8)
       v = flat(state.eigenvector)
       np.testing.assert_allclose(abs(v @ vectors[:, want]), 1.0, atol=1e-8)
       np.testing.assert_allclose(
           flat(updates), oracle_correct(g, state.eigenvector, 0.2), atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_nonfinite_gradient_without_normalisation_gives_zeros(bad):
+  # normalize=False multiplies the unit direction back by ||g||: a non-finite
+  # norm must give a zero update, not 0 * inf = NaN.
+  params = make_params()
+  tx = xsam_optax.eigenvector_correction(0.3, normalize=False)
+  state = tx.init(params)
+  updates, new_state = tx.update(nan_like(params, bad), state, params,
+                                 grad_fn=jax.grad(quad_loss), refresh=False)
+  chex.assert_tree_all_finite((updates, new_state.cos_angle))
+  np.testing.assert_array_equal(flat(updates), 0.0)
+  # The control: a finite gradient keeps its length.
+  g = jax.grad(quad_loss)(params)
+  updates, _ = tx.update(g, state, params, grad_fn=jax.grad(quad_loss),
+                         refresh=False)
+  np.testing.assert_allclose(
+      flat(updates), oracle_correct(g, state.eigenvector, 0.3,
+                                    normalize=False), rtol=1e-5, atol=1e-6)

@@ -214,6 +214,20 @@ def _():
   return setup, check
 
 
+@snippet("Your own estimator", 0)
+def _():
+  def setup():
+    return classifier_namespace()
+
+  def check(before, ns):
+    tx, params = ns["tx"], before["params"]
+    grad_fn = jax.grad(lambda p: before["loss_fn"](p, before["batch"]))
+    _, state = jax.jit(lambda p: tx.update(grad_fn(p), tx.init(p), p,
+                                           grad_fn=grad_fn))(params)
+    assert float(optax.tree.get(state, "eigenvalue")) > 0.0
+  return setup, check
+
+
 @snippet("Composing with optax and Flax", 0)
 def _():
   def setup():

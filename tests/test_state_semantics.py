@@ -8,9 +8,9 @@ import jax
 import numpy as np
 
 import xsam_optax
-from conftest import dense_hessian
-from conftest import flat
-from conftest import mlp_problem
+from _oracles import dense_hessian
+from _oracles import flat
+from _oracles import mlp_problem
 
 
 def test_eigenvalue_belongs_to_the_documented_vector(x64):

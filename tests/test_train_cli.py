@@ -7,12 +7,17 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import xsam_optax
+from _oracles import flat
 from xsam_optax.train import cli
+from xsam_optax.train import data as data_lib
 from xsam_optax.train import loop
 from xsam_optax.train import models
 
@@ -108,7 +113,7 @@ def test_same_initialisation_for_every_optimizer():
   model = models.make_model("mlp", num_classes=3)
   x = jnp.ones((2, 5))
   init = lambda name, seed: loop.init_state(
-      model, loop.make_optimizer(name, learning_rate=0.1), x, seed=seed).params
+      model, loop.make_optimizer(name, learning_rate=0.1).tx, x, seed=seed).params
   sgd, xsam = init("sgd", 3), init("xsam", 3)
   jax.tree.map(np.testing.assert_array_equal, sgd, xsam)
   assert float(jnp.abs(sgd["Dense_0"]["kernel"]).sum()) > 0
@@ -119,12 +124,134 @@ def test_train_step_compiles_once_per_variant():
   y = jnp.arange(8) % 3
   model = models.make_model("mlp", num_classes=3)
   tx = loop.make_optimizer("xsam", learning_rate=0.1, update_every=2, num_iters=1,
-                           method="power")
+                           method="power").tx
   state = loop.init_state(model, tx, x, seed=0)
   step = jax.jit(loop.make_train_step(model, tx), static_argnames="refresh")
   for i in range(4):
     state, _ = step(state, x, y, refresh=i % 2 == 0)
   assert step._cache_size() == 2  # pylint: disable=protected-access
+
+
+def _tiny_dataset(num_train=80, num_test=16, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(num_train + num_test, 6)).astype(np.float32)
+  y = (x[:, 0] + x[:, 1] > 0).astype(np.int32) + (x[:, 2] > 1).astype(np.int32)
+  return data_lib.Dataset("tiny", x[:num_train], y[:num_train], x[num_train:],
+                          y[num_train:], 3)
+
+
+def _training_kwargs(model, dataset):
+  eval_x, eval_y = jnp.asarray(dataset.x_train[:16]), jnp.asarray(dataset.y_train[:16])
+  return dict(epochs=2, batch_size=16, seed=0, eval_x=eval_x, eval_y=eval_y,
+              top_eigenvalue_fn=jax.jit(loop.make_top_eigenvalue_fn(model, num_iters=2)),
+              eval_fn=jax.jit(loop.make_eval_fn(model)))
+
+
+@pytest.mark.parametrize("refresh_every", [3, None])
+def test_run_training_picks_refreshes_on_the_optimizers_schedule(monkeypatch,
+                                                                 refresh_every):
+  """Which compiled step the loop runs at each step, with stand-ins for the
+  compiled steps: refresh at global steps 0, k, 2k, ... across epoch
+  boundaries that are not multiples of k (5 steps per epoch, k = 3), the
+  transform's own schedule (count % k == 0); one program without a period."""
+  calls = []
+
+  def fake_compile_steps(model, optimizer, state, x, y, *, curvature):
+    del model, x, y, curvature
+    assert optimizer.refresh_every == refresh_every
+
+    def step_for(refresh):
+      def step(state, x, y):
+        calls.append(refresh)
+        metrics = {"loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "cos_angle": 0.0}
+        return state._replace(step=state.step + 1), metrics
+      return step
+
+    keys = (None,) if optimizer.refresh_every is None else (True, False)
+    return {k: step_for(k) for k in keys}
+
+  monkeypatch.setattr(loop, "compile_steps", fake_compile_steps)
+  dataset, model = _tiny_dataset(), models.make_model("mlp", num_classes=3)
+  tx = optax.with_extra_args_support(optax.sgd(0.1))  # never run: cheap to init
+  loop.run_training(model, loop.Optimizer(tx, refresh_every), dataset,
+                    **dict(_training_kwargs(model, dataset),
+                           top_eigenvalue_fn=lambda *a: 0.0,
+                           eval_fn=lambda *a: (0.0, 0.0)))
+  if refresh_every is None:
+    assert calls == [None] * 10
+  else:
+    assert calls == [count % 3 == 0 for count in range(10)]
+
+
+def test_run_training_with_host_refreshes_equals_the_in_graph_schedule():
+  """End to end: the two compiled steps picked on the host give the run of the
+  transform following its own schedule under lax.cond."""
+  dataset, model = _tiny_dataset(), models.make_model("mlp", num_classes=3)
+  optimizer = loop.make_optimizer("xsam", learning_rate=0.1, update_every=3,
+                                  num_iters=1, method="power")
+  kwargs = _training_kwargs(model, dataset)
+  host = loop.run_training(model, optimizer, dataset, **kwargs)[0]
+  in_graph = loop.run_training(model, optimizer.tx, dataset, **kwargs)[0]
+  assert int(host.step) == 10
+  assert float(optax.tree.get(host.opt_state, "eigenvalue")) != 0.0
+  chex.assert_trees_all_close((host.params, host.opt_state),
+                              (in_graph.params, in_graph.opt_state), rtol=1e-5, atol=1e-6)
+
+
+# Every setting make_optimizer takes, a non-default value for each.
+SETTINGS = {"momentum": 0.5, "weight_decay": 0.05, "rho": 0.3, "alpha": 0.9,
+            "update_every": 2, "num_iters": 3, "method": "power", "normalize": False,
+            "sign_invariant": True, "seed": 7}
+USED_BY = {"sgd": ("momentum", "weight_decay"),
+           "sam": ("momentum", "weight_decay", "rho"),
+           "xsam": tuple(SETTINGS),
+           "eigensam": ("momentum", "weight_decay", "rho", "alpha", "update_every",
+                        "num_iters", "method", "seed")}
+
+
+def _explicit(name, *, learning_rate, momentum=0.9, weight_decay=5e-4, rho=0.05,
+              alpha=0.2, update_every=5, num_iters=4, method="lanczos",
+              normalize=True, sign_invariant=False, seed=0):
+  """What make_optimizer documents, built from the library directly."""
+  base = optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate, momentum=momentum))
+  tracking = dict(update_every=update_every, num_iters=num_iters, method=method,
+                  seed=seed)
+  return {"sgd": lambda: base,
+          "sam": lambda: optax.chain(xsam_optax.sam_ascent(rho), base),
+          "xsam": lambda: optax.chain(
+              xsam_optax.sam_ascent(rho),
+              xsam_optax.eigenvector_correction(alpha, sign_invariant=sign_invariant,
+                                                normalize=normalize, **tracking), base),
+          "eigensam": lambda: optax.chain(
+              xsam_optax.eigen_sam_ascent(rho, alpha, **tracking), base)}[name]()
+
+
+def _program(tx):
+  """The jaxprs of ``init`` and of one ``update`` (refreshes under lax.cond)."""
+  params = {"w": jnp.array([0.5, -1.0, 2.0]), "b": jnp.array([0.3])}
+  grad_fn = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"]) ** 2) * p["b"][0])
+  tx = optax.with_extra_args_support(tx)
+  update = lambda s: tx.update(grad_fn(params), s, params, grad_fn=grad_fn)
+  return (str(jax.make_jaxpr(tx.init)(params))
+          + str(jax.make_jaxpr(update)(tx.init(params))))
+
+
+@pytest.mark.parametrize("name", list(USED_BY))
+def test_make_optimizer_forwards_every_setting(name):
+  """Each setting reaches the transform (the same program as the library built
+  with it) and matters (another program than the default's); the refresh
+  period the loop reads is the transform's ``update_every``."""
+  default = _program(loop.make_optimizer(name, learning_rate=0.1).tx)
+  assert default == _program(_explicit(name, learning_rate=0.1))
+  for setting in USED_BY[name]:
+    kw = {setting: SETTINGS[setting]}
+    optimizer = loop.make_optimizer(name, learning_rate=0.1, **kw)
+    got = _program(optimizer.tx)
+    assert got == _program(_explicit(name, learning_rate=0.1, **kw)), setting
+    assert got != default, setting
+    refreshes = name in ("xsam", "eigensam")
+    assert optimizer.refresh_every == (kw.get("update_every", 5) if refreshes else None)
 
 
 def test_gauss_newton_curvature_reaches_the_refresh():
@@ -136,7 +263,7 @@ def test_gauss_newton_curvature_reaches_the_refresh():
   x = jax.random.normal(jax.random.key(0), (16, 4, 4, 1))
   y = jnp.arange(16) % 3
   model = models.make_model("mlp", num_classes=3)
-  tx = loop.make_optimizer("xsam", learning_rate=0.1, num_iters=6)
+  tx = loop.make_optimizer("xsam", learning_rate=0.1, num_iters=6).tx
   state = loop.init_state(model, tx, x, seed=0)
   eigenvector = lambda s: optax.tree.get(s.opt_state, "eigenvector")
   gn_state, _ = jax.jit(loop.make_train_step(model, tx, curvature="gauss-newton"),

@@ -5,7 +5,7 @@ import optax
 import pytest
 
 import xsam_optax
-from conftest import dense_hessian, flat, mlp_problem
+from _oracles import dense_hessian, flat, mlp_problem
 
 
 def run(tx, params, loss, batch, steps, **update_kwargs):

@@ -1,11 +1,13 @@
 """X-SAM for JAX: sharpness-aware minimisation with eigenvector correction.
 
-Composable pieces (:func:`sam_ascent`, :func:`eigenvector_correction`), the
-estimators they use (:func:`hvp`, :func:`power_iteration`, :func:`lanczos`;
-:func:`gauss_newton_fn`, a cheaper curvature product), Eigen-SAM's ascent (:func:`eigen_sam_ascent`), a micro-batch gradient
-(:func:`accumulated_grad_fn`), the host's copy of the refresh schedule
-(:func:`refresh_due`) and two conveniences built only by chaining
-(:func:`sam`, :func:`xsam`).
+Composable pieces (:func:`sam_ascent`, :func:`eigenvector_correction`,
+Eigen-SAM's :func:`eigen_sam_ascent`), the estimators they accept as
+``method`` (:func:`power_iteration`, :func:`lanczos`, or any callable
+``(matvec, v0) -> EigenResult``), the curvature products a refresh
+multiplies by (:func:`hvp`; :func:`hessian_fn` and :func:`gauss_newton_fn`
+for ``curvature_fn``), a micro-batch gradient (:func:`accumulated_grad_fn`),
+the host's copy of the refresh schedule (:func:`refresh_due`) and two
+conveniences built only by chaining (:func:`sam`, :func:`xsam`).
 """
 
 from xsam_optax._accumulate import accumulated_grad_fn
@@ -19,6 +21,7 @@ from xsam_optax._estimators import EigenResult
 from xsam_optax._estimators import lanczos
 from xsam_optax._estimators import power_iteration
 from xsam_optax._gauss_newton import gauss_newton_fn
+from xsam_optax._hvp import hessian_fn
 from xsam_optax._hvp import hvp
 from xsam_optax._sam import SamAscentState
 from xsam_optax._sam import sam_ascent
@@ -35,6 +38,7 @@ __all__ = (
     "eigen_sam_ascent",
     "eigenvector_correction",
     "gauss_newton_fn",
+    "hessian_fn",
     "hvp",
     "lanczos",
     "power_iteration",

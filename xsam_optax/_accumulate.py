@@ -40,6 +40,18 @@ def accumulated_grad_fn(
   direction) and drops refreshes made on micro-steps whose update it does not
   emit. ``update(..., check_incoming=True)`` reports it.
 
+  Args:
+    loss_fn: ``loss_fn(params, microbatch) -> scalar``, the mean loss over
+      the micro-batch.
+    batch: a pytree of arrays sharing a leading (example) axis whose size is
+      a multiple of ``num_microbatches``.
+    num_microbatches: how many equal pieces to split ``batch`` into
+      (``>= 1``).
+
+  Returns:
+    ``grad_fn(params) -> grads``, to pass as ``grad_fn=`` to ``update`` and to
+    call for the incoming gradient.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import xsam_optax
@@ -55,18 +67,6 @@ def accumulated_grad_fn(
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grad_fn(params), state, params,
     ...                            grad_fn=grad_fn)
-
-  Args:
-    loss_fn: ``loss_fn(params, microbatch) -> scalar``, the mean loss over
-      the micro-batch.
-    batch: a pytree of arrays sharing a leading (example) axis whose size is
-      a multiple of ``num_microbatches``.
-    num_microbatches: how many equal pieces to split ``batch`` into
-      (``>= 1``).
-
-  Returns:
-    ``grad_fn(params) -> grads``, to pass as ``grad_fn=`` to ``update`` and to
-    call for the incoming gradient.
   """
   _validation.check_int("num_microbatches", num_microbatches, minimum=1)
   sizes = sorted({jnp.shape(x)[0] if jnp.ndim(x) else -1

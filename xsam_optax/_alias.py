@@ -7,6 +7,8 @@ import optax
 
 from xsam_optax import _correction
 from xsam_optax import _sam
+from xsam_optax import _tracking
+from xsam_optax import _tree
 from xsam_optax import _validation
 
 
@@ -15,7 +17,7 @@ def sam(
     *,
     rho: Union[float, jax.Array] = 0.05,
     adaptive: bool = False,
-    batch_axis_name: _sam.AxisName = None,
+    batch_axis_name: _tree.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SAM: ``optax.chain(sam_ascent(rho, ...), optimizer)``.
 
@@ -23,10 +25,6 @@ def sam(
   decay inside ``optimizer`` (``sam(optax.chain(optax.clip_by_global_norm(1.0),
   optax.sgd(0.1)))``), never in a chain before ``sam(...)``, where it would
   only tilt the perturbation; see :func:`sam_ascent`.
-
-  Examples:
-    >>> import optax, xsam_optax
-    >>> tx = xsam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
 
   Args:
     optimizer: the base optimizer that receives the SAM gradient.
@@ -36,6 +34,10 @@ def sam(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` needing ``grad_fn``.
+
+  Examples:
+    >>> import optax, xsam_optax
+    >>> tx = xsam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
   """
   _validation.check_transformation("optimizer", optimizer)
   return optax.chain(
@@ -51,12 +53,12 @@ def xsam(
     alpha: Union[float, jax.Array] = 0.2,
     update_every: int = 5,
     num_iters: int = 4,
-    method: str = "lanczos",
+    method: _tracking.Method = "lanczos",
     sign_invariant: bool = False,
     normalize: bool = True,
     adaptive: bool = False,
     seed: int = 0,
-    batch_axis_name: _sam.AxisName = None,
+    batch_axis_name: _tree.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """X-SAM: SAM ascent, eigenvector correction, then ``optimizer``.
 
@@ -79,6 +81,25 @@ def xsam(
   :class:`xsam_optax.flax_utils.TrainState`, whose ``apply_gradients``
   forwards ``grad_fn``.
 
+  Args:
+    optimizer: the base optimizer (the paper: SGD with momentum 0.9).
+    rho: SAM radius.
+    alpha: correction strength in ``[0, 2]``.
+    update_every: eigenvector refresh period in steps.
+    num_iters: products per refresh of a named ``method``; leave it at its
+      default with a callable ``method``.
+    method: ``"lanczos"`` (default), ``"power"`` (the reference's, with
+      ``num_iters=5``) or a callable ``(matvec, v0) -> EigenResult``.
+    sign_invariant: sign-invariant correction rule.
+    normalize: drop the gradient magnitude before the base optimizer.
+    adaptive: ASAM neighbourhood.
+    seed: seed of the initial eigenvector.
+    batch_axis_name: mapped axis over which gradients and Hessian-vector
+      products from ``grad_fn`` are averaged.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` needing ``grad_fn``.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import xsam_optax
@@ -90,24 +111,6 @@ def xsam(
     >>> updates, state = tx.update(grad_fn(params), state, params,
     ...                            grad_fn=grad_fn)
     >>> params = optax.apply_updates(params, updates)
-
-  Args:
-    optimizer: the base optimizer (the paper: SGD with momentum 0.9).
-    rho: SAM radius.
-    alpha: correction strength in ``[0, 2]``.
-    update_every: eigenvector refresh period in steps.
-    num_iters: Hessian-vector products per refresh.
-    method: ``"lanczos"`` (default) or ``"power"`` (the reference's, with
-      ``num_iters=5``).
-    sign_invariant: sign-invariant correction rule.
-    normalize: drop the gradient magnitude before the base optimizer.
-    adaptive: ASAM neighbourhood.
-    seed: seed of the initial eigenvector.
-    batch_axis_name: mapped axis over which gradients and Hessian-vector
-      products from ``grad_fn`` are averaged.
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs` needing ``grad_fn``.
   """
   _validation.check_transformation("optimizer", optimizer)
   return optax.chain(

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_optax import _sam
 from xsam_optax import _tracking
 from xsam_optax import _tree
 from xsam_optax import _validation
@@ -19,8 +18,6 @@ class EigenvectorCorrectionState(NamedTuple):
 
   Attributes:
     count: int32, number of ``update`` calls so far.
-    key: PRNG key that drew the initial eigenvector (kept so that a restored
-      checkpoint carries everything the transform used).
     eigenvector: unit-norm estimate of the Hessian's top eigenvector, a pytree
       like the parameters (same dtypes).
     eigenvalue: the top-eigenvalue estimate of the last refresh (0 before the
@@ -29,7 +26,8 @@ class EigenvectorCorrectionState(NamedTuple):
       quotient :math:`u^\\top H u` of the last iterate :math:`u` that was
       multiplied, i.e. of the vector one power step *before* ``eigenvector``
       (which is :math:`Hu / \\|Hu\\|`): the two belong to the same vector
-      only once the iteration has converged.
+      only once the iteration has converged. With a callable ``method``, the
+      ``eigenvalue`` of its :class:`EigenResult`.
     residual: :math:`\\|Hu - \\lambda u\\|` for that same vector (the Ritz
       residual for Lanczos) at the last refresh (``inf`` before the first or
       when unknown).
@@ -38,7 +36,6 @@ class EigenvectorCorrectionState(NamedTuple):
   """
 
   count: jax.Array
-  key: jax.Array
   eigenvector: PyTree
   eigenvalue: jax.Array
   residual: jax.Array
@@ -55,7 +52,8 @@ def correct(updates: PyTree, eigenvector: PyTree, alpha, *,
   :math:`\|g\|`.
   """
   unit, norm = _tree.safe_normalize(updates)
-  cos = _tree.vdot(unit, eigenvector).astype(jnp.result_type(norm))
+  # At least float32, as the state stores it: the norm of bf16 updates is bf16.
+  cos = _tree.vdot(unit, eigenvector)
   coefficient = alpha * (cos if sign_invariant else jnp.abs(cos))
   corrected = _tree.add_scaled(unit, -coefficient, eigenvector)
   if not normalize:
@@ -70,20 +68,20 @@ def eigenvector_correction(
     *,
     update_every: int = 5,
     num_iters: int = 4,
-    method: str = "lanczos",
+    method: _tracking.Method = "lanczos",
     sign_invariant: bool = False,
     normalize: bool = True,
     seed: int = 0,
-    batch_axis_name: _sam.AxisName = None,
+    batch_axis_name: _tree.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Removes part of the gradient's component along the top Hessian eigenvector.
 
   Every ``update_every`` steps, starting at step 0, the stored eigenvector
-  :math:`v` is refreshed by ``num_iters`` iterations of ``method`` on
-  Hessian-vector products of ``grad_fn`` at ``params`` (the unperturbed
-  parameters), warm-started from the stored vector (a random unit vector drawn
-  from ``seed`` before the first refresh). Then, with
-  :math:`\hat g = g/\|g\|` and :math:`c = \langle \hat g, v\rangle`:
+  :math:`v` is refreshed by ``method`` on Hessian-vector products of
+  ``grad_fn`` at ``params`` (the unperturbed parameters), warm-started from
+  the stored vector (a random unit vector drawn from ``seed`` before the first
+  refresh). Then, with :math:`\hat g = g/\|g\|` and
+  :math:`c = \langle \hat g, v\rangle`:
 
   .. math::
     g_{new} = \hat g - \alpha\,\mathrm{sign}(\langle g, v\rangle)\, c\, v
@@ -103,33 +101,51 @@ def eigenvector_correction(
   leaves earlier steps uncorrected; here the first refresh is at step 0, so
   no step is ever corrected along an unestimated random vector.
 
-  **Defaults: Lanczos, 4 products.** ``method="lanczos"`` converges to the
-  algebraically largest eigenvalue, ``method="power"`` to the one of largest
-  *magnitude* (possibly negative early in training). On the training CLI's
-  conv net, 4 warm-started Lanczos products found the batch's top
-  eigenvector at least as well as the reference's 5 power iterations (mean
-  :math:`|\cos(v, v^*)|` 0.82-0.93 vs 0.72-0.90 over five trajectories) with
-  4/5 of the products (``benchmarks/step_overhead.py``). Lanczos keeps its
-  basis, so a refresh needs more memory (ResNet-18: SAM + 15x the parameters,
-  against 5.9x for power 5). ``method="power", num_iters=5`` is the
-  reference's schedule, and the lighter one in memory.
+  **Estimators.** ``method="lanczos"`` (``num_iters`` products) converges to
+  the algebraically largest eigenvalue and keeps its ``num_iters``-vector
+  basis during a refresh; ``method="power"`` to the one of largest
+  *magnitude* (possibly negative early in training), holding one vector.
+  ``method="power", num_iters=5`` is the reference's schedule. Any callable
+  ``(matvec, v0) -> EigenResult`` works as ``method`` too, e.g.
+  ``functools.partial(xsam_optax.power_iteration, num_iters=3, tol=1e-3)``
+  or one of your own: it gets the (batch-averaged) curvature product and the
+  stored eigenvector, and must return one eigenpair with a finite residual
+  (a non-finite eigenvalue or residual keeps the previous eigenvector). The
+  README's Performance section compares the estimators' cost and quality.
 
   **Choose refreshes on the host.** Without ``refresh``, ``update`` refreshes
   under ``lax.cond`` on the step count, which on XLA:CPU runs the
-  Hessian-vector products' convolutions about ten times slower. Pass
+  Hessian-vector products' convolutions in a slow layout. Pass
   ``refresh=xsam_optax.refresh_due(step, update_every)`` (a Python bool) from
   the training loop to a step jitted with ``static_argnames="refresh"``: the
   two kinds of step compile separately and neither has a ``cond``.
 
-  **Cheaper refreshes.** ``update`` accepts an optional ``hvp_grad_fn``: the
-  Hessian-vector products of a refresh then differentiate it instead of
-  ``grad_fn``, e.g. the gradient of the loss on a quarter of the mini-batch
-  (about half the cost per product; ``benchmarks/step_overhead.py`` reports
-  the price in eigenvector quality). The SAM ascent and the correction still
-  use ``grad_fn`` and the incoming gradient. Or pass ``curvature_fn``, a
-  function ``(params, v) -> product`` used instead of the Hessian, e.g.
-  :func:`gauss_newton_fn` (positive semi-definite, about 2/3 of the cost per
-  product).
+  **What a refresh multiplies by.** ``update`` accepts an optional
+  ``curvature_fn(params, v) -> product`` used instead of the Hessian of
+  ``grad_fn``: :func:`hessian_fn` of another gradient (e.g. on a sub-batch,
+  cheaper per product, tracking that sub-batch's eigenvector) or
+  :func:`gauss_newton_fn` (positive semi-definite, cheaper per product). The
+  SAM ascent and the correction still use ``grad_fn`` and the incoming
+  gradient.
+
+  Args:
+    alpha: correction strength in ``[0, 2]``; 0 only normalises.
+    update_every: refresh period in steps (``>= 1``).
+    num_iters: products per refresh of a named ``method`` (``>= 1``; ``>= 2``
+      for Lanczos); leave it at its default with a callable ``method``.
+    method: ``"lanczos"``, ``"power"`` or a callable ``(matvec, v0) ->
+      EigenResult`` (with :func:`optax.inject_hyperparams`, name a callable
+      ``method`` in ``static_args``).
+    sign_invariant: use the sign-invariant rule instead of the reference one.
+    normalize: drop the gradient's magnitude, as the reference does.
+    seed: seed of the initial random eigenvector.
+    batch_axis_name: mapped axis over which to average the curvature
+      products (pmap / shard_map).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose ``update`` needs
+    ``params`` and the keyword argument ``grad_fn``, and accepts optional
+    ``refresh`` and ``curvature_fn``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -145,23 +161,6 @@ def eigenvector_correction(
     >>> round(float(optax.tree.get(state, "eigenvalue")), 3)
     20.0
 
-  Args:
-    alpha: correction strength in ``[0, 2]``; 0 only normalises.
-    update_every: refresh period in steps (``>= 1``).
-    num_iters: Hessian-vector products per refresh (``>= 1``; ``>= 2`` for
-      Lanczos).
-    method: ``"lanczos"`` or ``"power"``.
-    sign_invariant: use the sign-invariant rule instead of the reference one.
-    normalize: drop the gradient's magnitude, as the reference does.
-    seed: seed of the initial random eigenvector.
-    batch_axis_name: mapped axis over which to average Hessian-vector
-      products (pmap / shard_map).
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs` whose ``update`` needs
-    ``params`` and the keyword argument ``grad_fn``, and accepts optional
-    ``refresh``, ``hvp_grad_fn`` and ``curvature_fn``.
-
   References:
     Duan, Chen and Guan, `X-SAM: Boosting Sharpness-Aware Minimization with
     Dominant-Eigenvector Gradient Correction
@@ -170,26 +169,26 @@ def eigenvector_correction(
   _validation.check_float("alpha", alpha, minimum=0.0, maximum=2.0)
   _validation.check_bool("sign_invariant", sign_invariant)
   _validation.check_bool("normalize", normalize)
-  schedule = _tracking.Schedule(update_every, num_iters, method,
-                                batch_axis_name).validate()
+  settings = _tracking.refresh_settings(update_every, num_iters, method,
+                                        batch_axis_name, default_num_iters=4)
   _validation.check_int("seed", seed, minimum=0)
 
   def init_fn(params):
     return EigenvectorCorrectionState(**_tracking.initial_fields(params, seed))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, refresh=None,
-                hvp_grad_fn=None, curvature_fn=None, **extra_args):
+                curvature_fn=None, **extra_args):
+    _tracking.reject_removed_extras(extra_args,
+                                    owner="eigenvector_correction")
     del extra_args
     eigenvector, eigenvalue, residual = _tracking.track(
-        state, params, grad_fn, schedule, refresh,
-        owner="eigenvector_correction", hvp_grad_fn=hvp_grad_fn,
-        curvature_fn=curvature_fn)
+        state, params, grad_fn, settings, refresh,
+        owner="eigenvector_correction", curvature_fn=curvature_fn)
     corrected, cos = correct(updates, eigenvector, alpha,
                              sign_invariant=sign_invariant,
                              normalize=normalize)
     return corrected, EigenvectorCorrectionState(
         count=optax.safe_increment(state.count),
-        key=state.key,
         eigenvector=eigenvector,
         eigenvalue=eigenvalue,
         residual=residual,

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_optax import _sam
+from xsam_optax import _ascent
 from xsam_optax import _tracking
 from xsam_optax import _tree
 from xsam_optax import _validation
 
-PyTree = _sam.PyTree
+PyTree = _tree.PyTree
 
 
 class EigenSamState(NamedTuple):
@@ -20,7 +20,6 @@ class EigenSamState(NamedTuple):
   incoming gradient)."""
 
   count: jax.Array
-  key: jax.Array
   eigenvector: PyTree
   eigenvalue: jax.Array
   residual: jax.Array
@@ -33,9 +32,9 @@ def eigen_sam_ascent(
     *,
     update_every: int = 100,
     num_iters: int = 5,
-    method: str = "power",
+    method: _tracking.Method = "power",
     seed: int = 0,
-    batch_axis_name: _sam.AxisName = None,
+    batch_axis_name: _tree.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigen-SAM's ascent: the perturbation leans towards the top eigenvector.
 
@@ -48,13 +47,31 @@ def eigen_sam_ascent(
 
   ``alpha=0`` is plain SAM. The eigenvector is tracked exactly as in
   :func:`eigenvector_correction` (refresh every ``update_every`` steps from
-  step 0, ``num_iters`` products of ``method``, warm-started), with the
+  step 0, by ``method``, warm-started), with the
   defaults of the Eigen-SAM paper. Chain it in front of the base optimizer:
   ``optax.chain(eigen_sam_ascent(), optax.sgd(0.1, momentum=0.9))``. Like
   :func:`sam_ascent` it replaces the gradient by one computed with
   ``grad_fn`` (put clipping and weight decay after it, in the base
   optimizer; ``update(..., check_incoming=True)`` checks the placement), and
   a gradient that is not finite at the SAM point becomes zeros.
+
+  Args:
+    rho: radius of the neighbourhood (``>= 0``).
+    alpha: weight of the eigenvector component (``>= 0``).
+    update_every: refresh period in steps.
+    num_iters: products per refresh of a named ``method``; leave it at its
+      default with a callable ``method``.
+    method: ``"power"``, ``"lanczos"`` or a callable ``(matvec, v0) ->
+      EigenResult`` (see :func:`eigenvector_correction`).
+    seed: seed of the initial random eigenvector.
+    batch_axis_name: mapped axis over which ``grad_fn``'s gradients and
+      Hessian-vector products are averaged.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` needing ``params`` and
+    ``grad_fn``; ``update`` accepts ``refresh`` and ``curvature_fn`` like
+    :func:`eigenvector_correction`, and ``check_incoming`` like
+    :func:`sam_ascent`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -70,22 +87,6 @@ def eigen_sam_ascent(
     >>> round(float(optax.tree.get(state, "eigenvalue")), 3)
     20.0
 
-  Args:
-    rho: radius of the neighbourhood (``>= 0``).
-    alpha: weight of the eigenvector component (``>= 0``).
-    update_every: refresh period in steps.
-    num_iters: Hessian-vector products per refresh.
-    method: ``"power"`` or ``"lanczos"``.
-    seed: seed of the initial random eigenvector.
-    batch_axis_name: mapped axis over which ``grad_fn``'s gradients and
-      Hessian-vector products are averaged.
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs` needing ``params`` and
-    ``grad_fn``; ``update`` accepts ``refresh``, ``hvp_grad_fn`` and
-    ``curvature_fn`` like :func:`eigenvector_correction`, and
-    ``check_incoming`` like :func:`sam_ascent`.
-
   References:
     Luo et al., `Explicit Eigenvalue Regularization Improves Sharpness-Aware
     Minimization <https://arxiv.org/abs/2501.12666>`_, NeurIPS 2024.
@@ -93,36 +94,35 @@ def eigen_sam_ascent(
   _validation.check_float("rho", rho, minimum=0.0)
   _validation.check_float("alpha", alpha, minimum=0.0)
   _validation.check_int("seed", seed, minimum=0)
-  schedule = _tracking.Schedule(update_every, num_iters, method,
-                                batch_axis_name).validate()
+  settings = _tracking.refresh_settings(update_every, num_iters, method,
+                                        batch_axis_name, default_num_iters=5)
 
   def init_fn(params):
     return EigenSamState(**_tracking.initial_fields(params, seed))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, refresh=None,
-                hvp_grad_fn=None, curvature_fn=None, check_incoming=False,
-                **extra_args):
+                curvature_fn=None, check_incoming=False, **extra_args):
+    _tracking.reject_removed_extras(extra_args, owner="eigen_sam_ascent")
     del extra_args
-    _sam.require_grad_fn(grad_fn, params, owner="eigen_sam_ascent")
-    params = _sam.as_arrays(params)
+    _validation.require_grad_fn(grad_fn, params, owner="eigen_sam_ascent")
+    params = _tree.as_arrays(params)
     _validation.check_bool("check_incoming", check_incoming)
     if check_incoming:
-      _sam.verify_incoming(updates, params, grad_fn, batch_axis_name,
-                           owner="eigen_sam_ascent")
+      _ascent.verify_incoming(updates, params, grad_fn, batch_axis_name,
+                              owner="eigen_sam_ascent")
     eigenvector, eigenvalue, residual = _tracking.track(
-        state, params, grad_fn, schedule, refresh, owner="eigen_sam_ascent",
-        hvp_grad_fn=hvp_grad_fn, curvature_fn=curvature_fn)
+        state, params, grad_fn, settings, refresh, owner="eigen_sam_ascent",
+        curvature_fn=curvature_fn)
     unit, _ = _tree.safe_normalize(updates)
     cos = _tree.vdot(unit, eigenvector).astype(state.cos_angle.dtype)
     perpendicular = _tree.add_scaled(eigenvector, -cos, unit)
     direction = _tree.add_scaled(unit, alpha * jnp.sign(cos), perpendicular)
     direction, _ = _tree.safe_normalize(direction)
-    adv_grads = _sam.sam_gradient(
+    adv_grads = _ascent.sam_gradient(
         grad_fn, _tree.add_scaled(params, rho, direction), params,
         batch_axis_name, owner="eigen_sam_ascent")
     return adv_grads, EigenSamState(
         count=optax.safe_increment(state.count),
-        key=state.key,
         eigenvector=eigenvector,
         eigenvalue=eigenvalue,
         residual=residual,

@@ -3,15 +3,19 @@
 Both estimators take ``matvec: pytree -> pytree`` (for example
 ``lambda v: xsam_optax.hvp(grad_fn, params, v)``) and a start vector ``v0``,
 and never ravel the pytree: a Lanczos basis is kept as a stack of pytrees.
+With their settings bound (``functools.partial(lanczos, num_iters=4)``) they
+are *estimators*, ``(matvec, v0) -> EigenResult``, the value the transforms'
+``method`` argument accepts; a user-written function of that shape works too.
 
 Loop construct: the iteration count is static and the loop is a
 ``lax.fori_loop``, fully unrolled by default when it has at most
 ``UNROLL_UP_TO`` iterations (the few products of an X-SAM refresh) and rolled
 beyond, where unrolling would make compile time grow with the count. On
 XLA:CPU, Hessian-vector products of a conv net inside a rolled loop or a
-``lax.cond`` ran about 10x slower than the same products unrolled at top level
-(backward convolutions stay in a slow layout there) (``benchmarks/
-estimators.py`` measures it); ``unroll=True`` or ``False`` overrides.
+``lax.cond`` ran several times slower than the same products unrolled at top
+level (backward convolutions stay in a slow layout there;
+``benchmarks/estimators.py`` measures it); ``unroll=True`` or ``False``
+overrides.
 """
 
 from collections.abc import Callable
@@ -45,9 +49,8 @@ class EigenResult(NamedTuple):
   num_matvecs: jax.Array
 
 
-def scalar_dtype(tree: PyTree) -> jnp.dtype:
-  """Dtype for scalars and small matrices: at least float32."""
-  return jnp.result_type(jnp.float32, *jax.tree.leaves(tree))
+# An eigenvector estimator: ``(matvec, v0) -> EigenResult``, settings bound.
+Estimator = Callable[[Callable[[PyTree], PyTree], PyTree], EigenResult]
 
 
 def _fixed_loop(num_iters: int, body, init, unroll: bool):
@@ -76,7 +79,7 @@ def _unit_start(v0: PyTree) -> PyTree:
   """``v0 / ||v0||``; a constant direction if ``v0`` is zero or non-finite."""
   unit, norm = _tree.safe_normalize(v0)
   fallback, _ = _tree.safe_normalize(jax.tree.map(jnp.ones_like, v0))
-  return _tree.select(_tree.is_usable(norm), unit, fallback)
+  return optax.tree.where(_tree.is_usable(norm), unit, fallback)
 
 
 def power_iteration(
@@ -103,15 +106,6 @@ def power_iteration(
   that is zero or non-finite leaves the vector where it was, so the
   eigenvector is always finite and unit-norm.
 
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import xsam_optax
-    >>> a = jnp.diag(jnp.array([3.0, 1.0, -0.5]))
-    >>> res = xsam_optax.power_iteration(
-    ...     lambda v: {"x": a @ v["x"]}, {"x": jnp.ones(3)}, num_iters=30)
-    >>> round(float(res.eigenvalue), 4)
-    3.0
-
   Args:
     matvec: a symmetric linear map from pytrees like ``v0`` to pytrees like
       ``v0``.
@@ -126,6 +120,15 @@ def power_iteration(
   Returns:
     An :class:`EigenResult`.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import xsam_optax
+    >>> a = jnp.diag(jnp.array([3.0, 1.0, -0.5]))
+    >>> res = xsam_optax.power_iteration(
+    ...     lambda v: {"x": a @ v["x"]}, {"x": jnp.ones(3)}, num_iters=30)
+    >>> round(float(res.eigenvalue), 4)
+    3.0
+
   References:
     Golub and Van Loan, *Matrix Computations*, 4th ed., section 7.3.1.
   """
@@ -133,7 +136,7 @@ def power_iteration(
   if tol is not None:
     _validation.check_float("tol", tol, minimum=0.0)
   unroll = _resolve_unroll(unroll, num_iters)
-  scalar = scalar_dtype(v0)
+  scalar = _tree.scalar_dtype(v0)
 
   def step(carry):
     count, v, _, _, _ = carry
@@ -142,7 +145,7 @@ def power_iteration(
     residual = optax.tree.norm(_tree.add_scaled(w, -eigenvalue, v))
     next_v, w_norm = _tree.safe_normalize(w)
     ok = _tree.is_usable(w_norm) & jnp.isfinite(eigenvalue)
-    next_v = _tree.select(ok, next_v, v)
+    next_v = optax.tree.where(ok, next_v, v)
     eigenvalue = jnp.where(jnp.isfinite(eigenvalue), eigenvalue, 0.0)
     residual = jnp.where(jnp.isfinite(residual), residual, jnp.inf)
     converged = (
@@ -185,25 +188,19 @@ def lanczos(
   answer, few products suffice. The residual of each Ritz pair comes free as
   :math:`\beta_m |y_m|`, exact in exact arithmetic; in floating point it keeps
   falling below the attainable :math:`\|Av - \lambda v\|`, which is of
-  order :math:`\epsilon \|A\|` (float32: about 1e-6 relative).
+  order :math:`\epsilon \|A\|`.
 
   The basis is a stack of ``m`` pytrees like ``v0`` (memory: ``m`` copies of
   the parameters). Full reorthogonalisation against the whole basis is on by
   default; it keeps the basis orthonormal in finite precision at the cost of
   ``m`` inner products per step, negligible next to a Hessian-vector product.
+  Without it (``reorthogonalize=False``, the textbook three-term recurrence)
+  the basis loses orthogonality once a Ritz pair converges, and converged
+  eigenvalues reappear as spurious copies among the ``k`` returned.
   If the Krylov space is exhausted early (an invariant subspace, e.g. a
   low-rank or zero operator) or a product is non-finite, the iteration stops
   there and the Ritz pairs of the steps that ran are returned; if fewer than
   ``k`` exist, the extra pairs are marked with an infinite ``residual``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import xsam_optax
-    >>> a = jnp.diag(jnp.array([-5.0, 2.0, 1.0, 0.5]))
-    >>> res = xsam_optax.lanczos(
-    ...     lambda v: a @ v, jnp.ones(4), num_iters=4, k=2)
-    >>> [round(float(x), 4) for x in res.eigenvalue]
-    [2.0, 1.0]
 
   Args:
     matvec: a symmetric linear map from pytrees like ``v0`` to pytrees like
@@ -219,6 +216,15 @@ def lanczos(
     An :class:`EigenResult`; for ``k > 1`` every field has a leading axis of
     size ``k``, in descending order of eigenvalue.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import xsam_optax
+    >>> a = jnp.diag(jnp.array([-5.0, 2.0, 1.0, 0.5]))
+    >>> res = xsam_optax.lanczos(
+    ...     lambda v: a @ v, jnp.ones(4), num_iters=4, k=2)
+    >>> [round(float(x), 4) for x in res.eigenvalue]
+    [2.0, 1.0]
+
   References:
     Golub and Van Loan, *Matrix Computations*, 4th ed., section 10.1.
   """
@@ -227,9 +233,28 @@ def lanczos(
                         maximum_name="num_iters")
   _validation.check_bool("reorthogonalize", reorthogonalize)
   unroll = _resolve_unroll(unroll, num_iters)
-  m = num_iters
-  scalar = scalar_dtype(v0)
-  q0 = _unit_start(v0)
+  basis, alphas, betas, live = _lanczos_recurrence(
+      matvec, _unit_start(v0), num_iters, reorthogonalize, unroll)
+  values, coeffs, residuals = _ritz_pairs(alphas, betas, live, k)
+  vectors = _tree.stacked_combination(coeffs.T, basis)  # leaves (k, ...)
+  vectors = jax.vmap(lambda t: _tree.safe_normalize(t)[0])(vectors)
+  num_matvecs = jnp.asarray(num_iters, jnp.int32)
+  if k == 1:
+    vectors = jax.tree.map(lambda x: x[0], vectors)
+    return EigenResult(values[0], vectors, residuals[0], num_matvecs)
+  return EigenResult(values, vectors, residuals, num_matvecs)
+
+
+def _lanczos_recurrence(matvec, q0: PyTree, m: int, reorthogonalize: bool,
+                        unroll: bool):
+  """``m`` Lanczos steps from the unit vector ``q0``.
+
+  Returns the basis (leaves with a leading axis of size ``m``), the
+  diagonal ``alphas`` and off-diagonal ``betas`` of the tridiagonal, and
+  which steps ran (``live``): a breakdown or a non-finite product ends the
+  recurrence, and later rows stay zero.
+  """
+  scalar = _tree.scalar_dtype(q0)
   eps = jnp.finfo(scalar).eps
 
   def step(j, carry):
@@ -253,7 +278,8 @@ def lanczos(
     alphas = alphas.at[j].set(jnp.where(step_live, alpha, 0.0))
     betas = betas.at[j].set(jnp.where(step_live, beta, 0.0))
     live = live.at[j].set(step_live)
-    next_q = _tree.select(still_alive, next_q, jax.tree.map(jnp.zeros_like, q))
+    next_q = optax.tree.where(still_alive, next_q,
+                              jax.tree.map(jnp.zeros_like, q))
     return (basis, alphas, betas, live, q, next_q,
             jnp.where(still_alive, beta, 0.0), still_alive)
 
@@ -271,7 +297,16 @@ def lanczos(
       jnp.ones((), bool),
   )
   basis, alphas, betas, live, *_ = _fixed_loop(m, step, init, unroll)
+  return basis, alphas, betas, live
 
+
+def _ritz_pairs(alphas: jax.Array, betas: jax.Array, live: jax.Array,
+                k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The ``k`` largest Ritz values, their coefficients ``(m, k)`` in the
+  basis, and their residuals ``|beta_last * y_last|`` (``inf`` for a pair
+  that only the steps that did not run would span)."""
+  m = alphas.shape[0]
+  scalar = alphas.dtype
   # Couplings to steps that did not run are dropped; the last live beta stays
   # for the residual. Dead steps get a diagonal below every live Ritz value
   # (Gershgorin bound), so they sort last.
@@ -293,11 +328,4 @@ def lanczos(
   residuals = jnp.abs(betas[last] * coeffs[last])
   is_real = live[jnp.argmax(jnp.abs(coeffs), axis=0)]
   residuals = jnp.where(is_real, residuals, jnp.inf)
-
-  vectors = _tree.stacked_combination(coeffs.T, basis)  # leaves (k, ...)
-  vectors = jax.vmap(lambda t: _tree.safe_normalize(t)[0])(vectors)
-  num_matvecs = jnp.asarray(m, jnp.int32)
-  if k == 1:
-    vectors = jax.tree.map(lambda x: x[0], vectors)
-    return EigenResult(values[0], vectors, residuals[0], num_matvecs)
-  return EigenResult(values, vectors, residuals, num_matvecs)
+  return values, coeffs, residuals

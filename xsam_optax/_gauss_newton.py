@@ -30,6 +30,16 @@ def gauss_newton_fn(
   ``benchmarks/step_overhead.py`` reports its cost and how closely its top
   eigenvector follows the Hessian's.
 
+  Args:
+    output_fn: parameters -> the model's outputs on the current mini-batch
+      (any pytree of arrays; with BatchNorm, the training-mode outputs, the
+      statistics it computes discarded).
+    output_loss_fn: outputs -> the scalar loss (labels closed over).
+
+  Returns:
+    A function ``(params, v) -> G v``; ``v`` and the result are pytrees like
+    ``params``.
+
   Examples:
     For linear least squares the Gauss-Newton matrix is the Hessian:
 
@@ -42,16 +52,6 @@ def gauss_newton_fn(
     >>> params, v = {"w": jnp.zeros(2)}, {"w": jnp.array([1.0, 0.0])}
     >>> gn(params, v)
     {'w': Array([10., 14.], dtype=float32)}
-
-  Args:
-    output_fn: parameters -> the model's outputs on the current mini-batch
-      (any pytree of arrays; with BatchNorm, the training-mode outputs, the
-      statistics it computes discarded).
-    output_loss_fn: outputs -> the scalar loss (labels closed over).
-
-  Returns:
-    A function ``(params, v) -> G v``; ``v`` and the result are pytrees like
-    ``params``.
   """
   if not callable(output_fn):
     raise ValueError(f"output_fn must be callable, got {output_fn!r}.")

@@ -1,8 +1,10 @@
 """Tracking the Hessian's top eigenvector across steps.
 
 Shared by :func:`eigenvector_correction` (X-SAM) and :func:`eigen_sam_ascent`
-(Eigen-SAM): both keep ``count, key, eigenvector, eigenvalue, residual,
-cos_angle`` in their state and refresh the eigenvector on a schedule.
+(Eigen-SAM): both keep ``count, eigenvector, eigenvalue, residual, cos_angle``
+in their state and refresh the eigenvector on a schedule, with an estimator
+(a callable ``(matvec, v0) -> EigenResult``) applied to a curvature product
+(``curvature_fn(params, v)``, by default the Hessian of ``grad_fn``).
 """
 
 from collections.abc import Callable
@@ -13,37 +15,67 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from xsam_optax import _estimators
 from xsam_optax import _hvp
-from xsam_optax import _sam
 from xsam_optax import _tree
 from xsam_optax import _validation
 
 PyTree = Any
-METHODS = ("power", "lanczos")
+Method = Union[str, _estimators.Estimator]
+
+# The named methods: estimator, and the fewest products with which a
+# warm-started refresh can move the vector (one Lanczos product spans only
+# the start vector). Every list of method names derives from this one.
+METHODS: dict[str, tuple[Callable[..., _estimators.EigenResult], int]] = {
+    "power": (_estimators.power_iteration, 1),
+    "lanczos": (_estimators.lanczos, 2),
+}
 
 
-class Schedule(NamedTuple):
-  """Static settings of the refresh: how often, how many products, which."""
+class RefreshSettings(NamedTuple):
+  """Static settings of the refresh: how often, with what, over which axis."""
 
   update_every: int
-  num_iters: int
-  method: str
-  batch_axis_name: _sam.AxisName
+  estimator: _estimators.Estimator
+  batch_axis_name: _tree.AxisName
 
-  def validate(self) -> "Schedule":
-    _validation.check_int("update_every", self.update_every, minimum=1)
-    _validation.check_int("num_iters", self.num_iters, minimum=1)
-    _validation.check_choice("method", self.method, METHODS)
-    if self.method == "lanczos" and self.num_iters < 2:
+
+def refresh_settings(update_every: int, num_iters: int, method: Method,
+                     batch_axis_name: _tree.AxisName, *,
+                     default_num_iters: int) -> RefreshSettings:
+  """Validates the settings and binds a named ``method`` to ``num_iters``.
+
+  A callable ``method`` carries its own settings, so ``num_iters`` must keep
+  its default (``default_num_iters``) then: a different value would be
+  silently unused.
+  """
+  _validation.check_int("update_every", update_every, minimum=1)
+  _validation.check_axis_name("batch_axis_name", batch_axis_name)
+  _validation.check_int("num_iters", num_iters, minimum=1)
+  if callable(method):
+    if num_iters != default_num_iters:
       raise ValueError(
-          f"num_iters must be >= 2 with method='lanczos', got "
-          f"{self.num_iters}: one product spans only the start vector, so "
-          "the eigenvector would never change. Use method='power' for "
-          "single-product refreshes.")
-    _validation.check_axis_name("batch_axis_name", self.batch_axis_name)
-    return self
+          f"num_iters sets the products of a named method; a callable "
+          f"method carries its own settings, got num_iters={num_iters} "
+          f"with method={method!r}. Bind them in the callable instead, e.g. "
+          "functools.partial(xsam_optax.lanczos, num_iters=...).")
+    return RefreshSettings(update_every, method, batch_axis_name)
+  if not isinstance(method, str) or method not in METHODS:
+    names = ", ".join(map(repr, METHODS))
+    raise ValueError(
+        f"method must be one of {names} or a callable (matvec, v0) -> "
+        f"EigenResult, got {method!r}.")
+  estimator, fewest = METHODS[method]
+  if num_iters < fewest:
+    raise ValueError(
+        f"num_iters must be >= {fewest} with method={method!r}, got "
+        f"{num_iters}: fewer products never move the warm-started "
+        "eigenvector. Use method='power' for single-product refreshes.")
+  return RefreshSettings(
+      update_every, functools.partial(estimator, num_iters=num_iters),
+      batch_axis_name)
 
 
 def refresh_due(step: int, update_every: int = 5) -> bool:
@@ -55,12 +87,7 @@ def refresh_due(step: int, update_every: int = 5) -> bool:
   ``update`` inside a step jitted with ``static_argnames="refresh"``: the host
   then picks one of two compiled steps, and neither contains a ``lax.cond``.
   That is the fast way to run X-SAM: on XLA:CPU a refresh under ``lax.cond``
-  runs its convolutions about ten times slower (``benchmarks/``).
-
-  Examples:
-    >>> import xsam_optax
-    >>> [step for step in range(12) if xsam_optax.refresh_due(step, 5)]
-    [0, 5, 10]
+  runs its convolutions in a slow layout (the README's Performance section).
 
   Args:
     step: the host's step counter, a non-negative Python or NumPy int (the
@@ -69,6 +96,11 @@ def refresh_due(step: int, update_every: int = 5) -> bool:
 
   Returns:
     A Python bool.
+
+  Examples:
+    >>> import xsam_optax
+    >>> [step for step in range(12) if xsam_optax.refresh_due(step, 5)]
+    [0, 5, 10]
   """
   _validation.check_int("update_every", update_every, minimum=1)
   if isinstance(step, jax.Array):
@@ -91,11 +123,10 @@ def refresh_due(step: int, update_every: int = 5) -> bool:
 
 def initial_fields(params: PyTree, seed: int) -> dict[str, Any]:
   """Fields of a fresh state: a random unit eigenvector drawn from ``seed``."""
-  key, draw = jax.random.split(jax.random.PRNGKey(seed))
-  scalar = _estimators.scalar_dtype(params)
+  _, draw = jax.random.split(jax.random.PRNGKey(seed))
+  scalar = _tree.scalar_dtype(params)
   return dict(
       count=jnp.zeros((), jnp.int32),
-      key=key,
       eigenvector=_tree.random_unit_like(draw, params),
       eigenvalue=jnp.zeros((), scalar),
       residual=jnp.full((), jnp.inf, scalar),
@@ -103,24 +134,45 @@ def initial_fields(params: PyTree, seed: int) -> dict[str, Any]:
   )
 
 
-def _refreshed(state, product, schedule: Schedule):
-  matvec = lambda v: _sam.batch_mean(product(v), schedule.batch_axis_name)
-  if schedule.method == "power":
-    result = _estimators.power_iteration(
-        matvec, state.eigenvector, num_iters=schedule.num_iters)
-  else:
-    result = _estimators.lanczos(
-        matvec, state.eigenvector, num_iters=schedule.num_iters)
-  _, norm = _tree.safe_normalize(result.eigenvector)
-  # The estimators report a failed product as a finite eigenvalue with an
-  # infinite residual: keep the previous estimate then.
-  ok = (jnp.isfinite(result.eigenvalue) & jnp.isfinite(result.residual)
-        & _tree.is_usable(norm))
+def reject_removed_extras(extra_args: dict[str, Any], *, owner: str) -> None:
+  """A clear error for ``hvp_grad_fn``, which 0.2 replaced by a helper.
+
+  Unknown extras are ignored, as optax transforms do; this one would be
+  ignored silently while the caller expects it to change the refreshes.
+  """
+  if "hvp_grad_fn" in extra_args:
+    raise ValueError(
+        f"{owner}: hvp_grad_fn was replaced by curvature_fn; pass "
+        "curvature_fn=xsam_optax.hessian_fn(g) for hvp_grad_fn=g.")
+
+
+def _checked_result(result, eigenvector: PyTree):
+  """The estimator's eigenpair, its eigenvector in the stored dtypes."""
+  _tree.check_same_structure(eigenvector, result.eigenvector, what="method")
+  if jnp.shape(result.eigenvalue) != () or jax.tree.map(
+      jnp.shape, result.eigenvector) != jax.tree.map(jnp.shape, eigenvector):
+    raise ValueError(
+        "method must return one eigenpair, a scalar eigenvalue and an "
+        "eigenvector shaped like the parameters (for lanczos: k=1), got an "
+        f"eigenvalue of shape {jnp.shape(result.eigenvalue)}.")
+  vector = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                        result.eigenvector, eigenvector)
+  return vector, result.eigenvalue, result.residual
+
+
+def _refreshed(state, product, settings: RefreshSettings):
+  matvec = lambda v: _tree.batch_mean(product(v), settings.batch_axis_name)
+  vector, value, residual = _checked_result(
+      settings.estimator(matvec, state.eigenvector), state.eigenvector)
+  _, norm = _tree.safe_normalize(vector)
+  # A failed product shows as a non-finite eigenvalue or residual (the
+  # built-in estimators report it as a finite eigenvalue with an infinite
+  # residual): keep the previous estimate then.
+  ok = jnp.isfinite(value) & jnp.isfinite(residual) & _tree.is_usable(norm)
   return (
-      _tree.select(ok, result.eigenvector, state.eigenvector),
-      jnp.where(ok, result.eigenvalue, state.eigenvalue).astype(
-          state.eigenvalue.dtype),
-      jnp.where(ok, result.residual, jnp.inf).astype(state.residual.dtype),
+      optax.tree.where(ok, vector, state.eigenvector),
+      jnp.where(ok, value, state.eigenvalue).astype(state.eigenvalue.dtype),
+      jnp.where(ok, residual, jnp.inf).astype(state.residual.dtype),
   )
 
 
@@ -128,15 +180,28 @@ def _kept(state):
   return state.eigenvector, state.eigenvalue, state.residual
 
 
+def _curvature_product(params, grad_fn, curvature_fn, owner: str):
+  """``v -> curvature_fn(params, v)``, by default the Hessian of grad_fn."""
+  if curvature_fn is None:
+    return functools.partial(_hvp.hessian_fn(grad_fn), params)
+  if not callable(curvature_fn):
+    raise ValueError(
+        f"{owner}: curvature_fn must be callable ((params, v) -> product "
+        f"pytree) or None, got {curvature_fn!r}.")
+  _tree.check_same_structure(
+      params, jax.eval_shape(curvature_fn, params, params),
+      what="curvature_fn")
+  return functools.partial(curvature_fn, params)
+
+
 def track(
     state: NamedTuple,
     params: PyTree,
     grad_fn: Callable[[PyTree], PyTree],
-    schedule: Schedule,
+    settings: RefreshSettings,
     refresh: Union[None, bool, jax.Array],
     *,
     owner: str,
-    hvp_grad_fn: Optional[Callable[[PyTree], PyTree]] = None,
     curvature_fn: Optional[Callable[[PyTree, PyTree], PyTree]] = None,
 ) -> tuple[PyTree, jax.Array, jax.Array]:
   """The eigenvector, eigenvalue and residual to use at this step.
@@ -144,46 +209,22 @@ def track(
   ``refresh=None`` follows the schedule (``count % update_every == 0``,
   under ``lax.cond`` unless ``update_every == 1``); a Python or NumPy bool
   is the host's choice (no ``cond``, see :func:`refresh_due`); an array is a
-  traced choice (``lax.cond``). A refresh multiplies by the Hessian of
-  ``hvp_grad_fn`` when given (e.g. the gradient on a sub-batch), else of
-  ``grad_fn``; or calls ``curvature_fn(params, v)`` when given (e.g.
-  :func:`gauss_newton_fn`).
+  traced choice (``lax.cond``). A refresh runs the estimator on
+  ``v -> curvature_fn(params, v)`` (default: the Hessian of ``grad_fn``),
+  averaged over ``batch_axis_name``.
   """
-  _sam.require_grad_fn(grad_fn, params, owner=owner)
-  params = _sam.as_arrays(params)
+  _validation.require_grad_fn(grad_fn, params, owner=owner)
+  params = _tree.as_arrays(params)
   refresh = _validation.check_refresh(refresh)
   _tree.check_same_structure(
       params, jax.eval_shape(grad_fn, params), what="grad_fn")
-  if hvp_grad_fn is not None and curvature_fn is not None:
-    raise ValueError(
-        f"{owner}: pass hvp_grad_fn or curvature_fn, not both: both say what "
-        "a refresh multiplies by.")
-  if curvature_fn is not None:
-    if not callable(curvature_fn):
-      raise ValueError(
-          f"{owner}: curvature_fn must be callable ((params, v) -> product "
-          f"pytree) or None, got {curvature_fn!r}.")
-    _tree.check_same_structure(
-        params, jax.eval_shape(curvature_fn, params, params),
-        what="curvature_fn")
-    product = lambda v: curvature_fn(params, v)
-  else:
-    if hvp_grad_fn is None:
-      hvp_grad_fn = grad_fn
-    elif not callable(hvp_grad_fn):
-      raise ValueError(
-          f"{owner}: hvp_grad_fn must be callable (params -> gradient "
-          f"pytree) or None, got {hvp_grad_fn!r}.")
-    else:
-      _tree.check_same_structure(
-          params, jax.eval_shape(hvp_grad_fn, params), what="hvp_grad_fn")
-    product = functools.partial(_hvp.hvp, hvp_grad_fn, params)
+  product = _curvature_product(params, grad_fn, curvature_fn, owner)
   if not jax.tree.leaves(params):
     return _kept(state)  # Nothing to estimate.
   if refresh is None:
     # Every step refreshes when update_every == 1: no lax.cond needed.
-    refresh = (True if schedule.update_every == 1
-               else state.count % schedule.update_every == 0)
+    refresh = (True if settings.update_every == 1
+               else state.count % settings.update_every == 0)
   if isinstance(refresh, jax.Array):
     # Called without jit the choice is known here; a lax.cond would be
     # traced and compiled anew at every call (seconds per step).
@@ -193,10 +234,10 @@ def track(
       pass
   if isinstance(refresh, (bool, np.bool_)):
     if refresh:
-      return _refreshed(state, product, schedule)
+      return _refreshed(state, product, settings)
     return _kept(state)
   return jax.lax.cond(
       refresh,
-      lambda s: _refreshed(s, product, schedule),
+      lambda s: _refreshed(s, product, settings),
       _kept,
       state)

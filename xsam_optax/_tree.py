@@ -4,13 +4,39 @@ Everything here works leaf by leaf: parameters are never ravelled into one
 vector, so sharded parameters stay sharded.
 """
 
-from typing import Any
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
+# The name of a mapped axis (pmap, shard_map, vmap), or a tuple of them.
+AxisName = Optional[Union[str, tuple[str, ...]]]
+
+
+def as_arrays(tree: PyTree) -> PyTree:
+  """Python and NumPy scalar leaves as JAX arrays; other leaves untouched.
+
+  ``jax.grad`` accepts a Python float parameter, so users write them; the
+  transforms' arithmetic needs a ``dtype`` on every leaf.
+  """
+  scalar = (int, float, complex, np.generic)
+  return jax.tree.map(
+      lambda x: jnp.asarray(x) if isinstance(x, scalar) else x, tree)
+
+
+def scalar_dtype(tree: PyTree) -> jnp.dtype:
+  """Dtype for scalars and small matrices about ``tree``: at least float32."""
+  return jnp.result_type(jnp.float32, *jax.tree.leaves(tree))
+
+
+def batch_mean(tree: PyTree, batch_axis_name: AxisName) -> PyTree:
+  """Averages over the named mapped axis (pmap / shard_map / vmap), if any."""
+  if batch_axis_name is None:
+    return tree
+  return jax.lax.pmean(tree, axis_name=batch_axis_name)
 
 
 def safe_normalize(tree: PyTree) -> tuple[PyTree, jax.Array]:
@@ -20,7 +46,7 @@ def safe_normalize(tree: PyTree) -> tuple[PyTree, jax.Array]:
   to do with it, e.g. keep a previous vector.
   """
   norm = optax.tree.norm(tree)
-  ok = jnp.isfinite(norm) & (norm > 0)
+  ok = is_usable(norm)
   inv = jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0)
   # where, not just `x * inv`: a NaN or inf entry times 0 would still be NaN.
   return jax.tree.map(
@@ -57,16 +83,6 @@ def is_usable(norm: jax.Array) -> jax.Array:
   return jnp.isfinite(norm) & (norm > 0)
 
 
-def select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
-  """Leafwise ``jnp.where`` on a scalar predicate (no control flow)."""
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
-def stack(trees: list[PyTree]) -> PyTree:
-  """Stacks same-structured trees along a new leading axis."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 def stacked_dots(stacked: PyTree, tree: PyTree) -> jax.Array:
   """``[<stacked[i], tree> for i]`` as one vector, without ravelling."""
   # A product and sum, not a tensordot: contracting sharded axes in a
@@ -82,11 +98,10 @@ def stacked_dots(stacked: PyTree, tree: PyTree) -> jax.Array:
 
 def stacked_combination(coeffs: jax.Array, stacked: PyTree) -> PyTree:
   """``sum_i coeffs[..., i] * stacked[i]``: one tree, or a stack if 2-D."""
-  # Row by row, which XLA fuses into one elementwise pass. Measured on
-  # Lanczos 4 over 1M parameters (CPU): a tensordot over the stacked axis
-  # took 119 ms and 25 parameter copies (it copied the whole stack into
-  # another layout), a sum over that axis 1.9 s and 10 copies, this 70 ms and
-  # 17 copies.
+  # Row by row, which XLA fuses into one elementwise pass. A tensordot over
+  # the stacked axis copied the whole stack into another layout, and a sum
+  # over that axis was far slower on CPU (tests/test_estimators.py bounds the
+  # memory per Lanczos product).
   def combine(s):
     c = coeffs.astype(s.dtype)
     if c.ndim == 1:

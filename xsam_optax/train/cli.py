@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Any
 
+from xsam_optax import _tracking
 from xsam_optax.train import data as data_lib
 from xsam_optax.train import loop
 from xsam_optax.train import models
@@ -41,7 +42,7 @@ step length is not that of sgd/sam at the same --lr; metrics.json records the
 mean clean-gradient norm per epoch (mean_grad_norm) to compare them.
 X-SAM refreshes its eigenvector at steps 0, k, 2k, ... (k = --update-every);
 its step is compiled twice, with and without the refresh, and the host picks
-one per step (a refresh under lax.cond ran ~7x slower on CPU).
+one per step (faster than a refresh under lax.cond, notably on CPU).
 
 The top eigenvalue is measured after every epoch for every optimizer alike:
 Lanczos (--eig-iters Hessian-vector products, algebraically largest eigenvalue)
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="X-SAM eigenvector refresh period in steps; default %(default)s")
   add("--num-iters", type=int, default=4,
       help="X-SAM Hessian-vector products per refresh; default %(default)s")
-  add("--method", choices=("power", "lanczos"), default="lanczos",
+  add("--method", choices=tuple(_tracking.METHODS), default="lanczos",
       help="X-SAM eigenvector estimator; default %(default)s")
   add("--curvature", choices=loop.CURVATURES, default="hessian",
       help="X-SAM refreshes: Hessian-vector products, or Gauss-Newton products of the "
@@ -125,8 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       (0 <= args.alpha <= 2, f"--alpha must be in [0, 2], got {args.alpha}"),
       (args.update_every >= 1, f"--update-every must be >= 1, got {args.update_every}"),
       (args.num_iters >= 1, f"--num-iters must be >= 1, got {args.num_iters}"),
-      (args.method != "lanczos" or args.num_iters >= 2,
-       f"--num-iters must be >= 2 with --method lanczos, got {args.num_iters}"),
+      (args.num_iters >= _tracking.METHODS[args.method][1],
+       f"--num-iters must be >= {_tracking.METHODS[args.method][1]} with "
+       f"--method {args.method}, got {args.num_iters}"),
       (args.eig_iters >= 1, f"--eig-iters must be >= 1, got {args.eig_iters}"),
       (args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}"),
       (args.train_size is None or args.train_size >= args.batch_size,
@@ -157,47 +159,26 @@ def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
   return config
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Entry point of ``xsam-train``; returns the process exit status."""
-  args = parse_args(argv)
-  # Heavy imports after parsing so that --help and bad flags answer at once.
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+def _train_all(args: argparse.Namespace, protocol: loop.Protocol, variables, eval_fn,
+               top_eigenvalue_fn) -> dict[str, dict[str, Any]]:
+  """Trains every optimizer the flags name under one protocol; the metrics per run."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-  protocol = loop.make_protocol(
-      args.dataset, args.model, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-      eval_batch_size=args.eval_batch_size, train_size=args.train_size)
-  dataset, model, schedule = protocol.dataset, protocol.model, protocol.schedule
-  steps_per_epoch, total_steps = protocol.steps_per_epoch, protocol.total_steps
-  eval_x, eval_y = protocol.eval_x, protocol.eval_y
-  # Shared across optimizers, so compiled once.
-  variables = loop.init_variables(model, dataset.x_train[: args.batch_size], seed=args.seed)
-  eval_fn = jax.jit(loop.make_eval_fn(model))
-  top_eigenvalue_fn = jax.jit(loop.make_top_eigenvalue_fn(model, num_iters=args.eig_iters))
-  t0 = time.perf_counter()  # Compile both once, outside every optimizer's timings.
-  params, batch_stats = variables["params"], variables.get("batch_stats", {})
-  eval_fn(params, batch_stats, dataset.x_test, dataset.y_test)
-  top_eigenvalue_fn(params, batch_stats, eval_x, eval_y,
-                    loop.lanczos_start(params, args.seed)).block_until_ready()
-  shared_compile_seconds = time.perf_counter() - t0
 
   names = loop.OPTIMIZERS if args.optimizer == "all" else (args.optimizer,)
   runs: dict[str, dict[str, Any]] = {}
   for name in names:
-    tx = loop.make_optimizer(
-        name, learning_rate=schedule, momentum=args.momentum,
+    optimizer = loop.make_optimizer(
+        name, learning_rate=protocol.schedule, momentum=args.momentum,
         weight_decay=args.weight_decay, rho=args.rho, alpha=args.alpha,
         update_every=args.update_every, num_iters=args.num_iters,
         method=args.method, normalize=args.normalize,
         sign_invariant=args.sign_invariant, seed=args.seed)
-    with tqdm(total=total_steps, desc=f"{name:>4}", unit="step",
+    with tqdm(total=protocol.total_steps, desc=f"{name:>4}", unit="step",
               disable=not args.progress, leave=True, file=sys.stderr) as bar:
       _, result = loop.run_training(
-          model, tx, dataset, epochs=args.epochs, batch_size=args.batch_size,
-          seed=args.seed, eval_x=eval_x, eval_y=eval_y,
-          top_eigenvalue_fn=top_eigenvalue_fn, eval_fn=eval_fn,
-          refresh_every=args.update_every if name == "xsam" else None,
+          protocol.model, optimizer, protocol.dataset, epochs=args.epochs,
+          batch_size=args.batch_size, seed=args.seed, eval_x=protocol.eval_x,
+          eval_y=protocol.eval_y, top_eigenvalue_fn=top_eigenvalue_fn, eval_fn=eval_fn,
           curvature=args.curvature if name == "xsam" else "hessian", progress=bar,
           variables=variables)
     timed = result.ms_per_step[1:] or result.ms_per_step  # Epoch 1 includes warm-up.
@@ -206,18 +187,27 @@ def main(argv: list[str] | None = None) -> int:
         **result._asdict(),
         "mean_ms_per_step": sum(timed) / len(timed),
     }
+  return runs
 
-  metrics = {
+
+def _metrics(args: argparse.Namespace, protocol: loop.Protocol, runs,
+             shared_compile_seconds: float) -> dict[str, Any]:
+  """``metrics.json``: the protocol, the environment and every run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  dataset = protocol.dataset
+  return {
       "dataset": args.dataset,
       "model": args.model,
       "protocol": {
           "epochs": args.epochs, "batch_size": args.batch_size,
-          "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+          "steps_per_epoch": protocol.steps_per_epoch, "total_steps": protocol.total_steps,
           "train_examples": len(dataset.x_train), "test_examples": len(dataset.x_test),
           "seed": args.seed, "same_init_data_order_schedule_steps": True,
           "eigenvalue_measurement": {
               "method": "lanczos", "num_iters": args.eig_iters,
-              "batch": f"first {len(eval_x)} training examples, training-mode loss"},
+              "batch": f"first {len(protocol.eval_x)} training examples, training-mode loss"},
           "ms_per_step": "wall time of the jitted steps per epoch / steps; "
                          "mean_ms_per_step excludes epoch 1",
           "shared_compile_seconds": shared_compile_seconds,
@@ -228,8 +218,32 @@ def main(argv: list[str] | None = None) -> int:
                       "python": platform.python_version()},
       "runs": runs,
   }
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of ``xsam-train``; returns the process exit status."""
+  args = parse_args(argv)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  protocol = loop.make_protocol(
+      args.dataset, args.model, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
+      eval_batch_size=args.eval_batch_size, train_size=args.train_size)
+  dataset, model = protocol.dataset, protocol.model
+  # Shared across optimizers, so compiled once.
+  variables = loop.init_variables(model, dataset.x_train[: args.batch_size], seed=args.seed)
+  eval_fn = jax.jit(loop.make_eval_fn(model))
+  top_eigenvalue_fn = jax.jit(loop.make_top_eigenvalue_fn(model, num_iters=args.eig_iters))
+  t0 = time.perf_counter()  # Compile both once, outside every optimizer's timings.
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  eval_fn(params, batch_stats, dataset.x_test, dataset.y_test)
+  top_eigenvalue_fn(params, batch_stats, protocol.eval_x, protocol.eval_y,
+                    loop.lanczos_start(params, args.seed)).block_until_ready()
+  shared_compile_seconds = time.perf_counter() - t0
+
+  runs = _train_all(args, protocol, variables, eval_fn, top_eigenvalue_fn)
   os.makedirs(args.out, exist_ok=True)
-  report.write_metrics(os.path.join(args.out, "metrics.json"), metrics)
+  report.write_metrics(os.path.join(args.out, "metrics.json"),
+                       _metrics(args, protocol, runs, shared_compile_seconds))
   report.plot_curves(os.path.join(args.out, "curves.png"), runs,
                      title=f"{args.dataset} / {args.model}, {args.epochs} epochs")
   print(report.format_table(runs))

@@ -10,8 +10,9 @@ The protocol, shared by SGD, SAM and X-SAM so that only the optimizer differs:
   learning-rate schedule over all steps;
 * the whole step -- clean forward/backward, SAM ascent, eigenvector refresh,
   correction, base update -- is one ``jax.jit``-ed function, compiled ahead of
-  time (for X-SAM twice: with and without the eigenvector refresh), so no step
-  ever recompiles;
+  time (for an optimizer with refreshes twice: with and without the
+  eigenvector refresh, the host choosing on the optimizer's own schedule), so
+  no step ever recompiles;
 * BatchNorm: every gradient and Hessian-vector product of the step is taken of
   the *training-mode* loss (batch statistics) on the step's mini-batch, and the
   running statistics are updated once per step, from the clean forward pass;
@@ -47,9 +48,9 @@ from xsam_optax.train import models
 
 PyTree = Any
 OPTIMIZERS = ("sgd", "sam", "xsam")
-# Also accepted by `make_optimizer` (not by the CLI): X-SAM with the
-# sign-invariant rule, and Eigen-SAM's ascent in front of the same base.
-EXTRA_OPTIMIZERS = ("xsam_si", "eigensam")
+# Also accepted by `make_optimizer` (not by the CLI): Eigen-SAM's ascent in
+# front of the same base.
+EXTRA_OPTIMIZERS = ("eigensam",)
 
 # What reaches the base optimizer, stated in the metrics config of each run.
 GRADIENT_GIVEN = {
@@ -113,6 +114,8 @@ def make_grad_fn(
   return jax.grad(lambda p: loss_fn(p, batch_stats, x, y)[0])
 
 
+# What refreshes multiply by: the Hessian of grad_fn (the transforms'
+# default), or Gauss-Newton products of the logits.
 CURVATURES = ("hessian", "gauss-newton")
 
 
@@ -195,7 +198,8 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
   ``refresh`` (static) is forwarded to ``tx.update`` when given: X-SAM then
   refreshes its eigenvector (``True``) or not (``False``) without ``lax.cond``.
   ``curvature="gauss-newton"`` hands ``tx.update`` a ``curvature_fn``
-  (:func:`make_gauss_newton_fn`), so refreshes use the Gauss-Newton matrix.
+  (:func:`make_gauss_newton_fn`), so refreshes use the Gauss-Newton matrix;
+  ``"hessian"`` hands none, so they use the Hessian of ``grad_fn``.
 
   Returns metrics ``loss``, ``accuracy``, ``grad_norm`` (of the clean pass) and
   ``cos_angle`` (the optimizer's cos(g_hat, v) when its state has one, else NaN).
@@ -243,20 +247,34 @@ def make_top_eigenvalue_fn(model, *, num_iters: int = 10):
   """``(params, batch_stats, x, y, v0) -> lambda_max`` of the training-mode loss Hessian.
 
   Lanczos (algebraically largest eigenvalue) with ``num_iters`` Hessian-vector
-  products from the start vector ``v0``; the same for every optimizer. On the
-  MNIST-1D CNN after 6 epochs of SGD, 10 products gave lambda_max 13.53196 with
-  residual 2e-5 (40 products: 13.53196), hence the default.
+  products from the start vector ``v0``; the same for every optimizer. The
+  default agreed with 40 products to the digits the report prints on the
+  CLI's MNIST-1D CNN.
   """
 
   def top_eigenvalue(params, batch_stats, x, y, v0):
     grad_fn = make_grad_fn(model, batch_stats, x, y)
-    # Unrolled: on XLA:CPU, conv-net HVPs inside a rolled loop ran ~10x slower.
+    # Unrolled: on XLA:CPU, conv-net HVPs inside a rolled loop run slower.
     result = xsam_optax.lanczos(
         lambda v: xsam_optax.hvp(grad_fn, params, v), v0, num_iters=num_iters,
         unroll=True)
     return result.eigenvalue
 
   return top_eigenvalue
+
+
+class Optimizer(NamedTuple):
+  """What :func:`make_optimizer` builds: the transform and its refresh period.
+
+  Attributes:
+    tx: the optax transform.
+    refresh_every: the period of ``tx``'s eigenvector refreshes, so that the
+      training loop can choose the refresh steps on the host
+      (:func:`xsam_optax.refresh_due`); ``None`` when ``tx`` has none.
+  """
+
+  tx: optax.GradientTransformationExtraArgs
+  refresh_every: int | None
 
 
 def make_optimizer(
@@ -273,41 +291,40 @@ def make_optimizer(
     normalize: bool = True,
     sign_invariant: bool = False,
     seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-  """SGD (momentum, weight decay, given schedule), alone or wrapped in SAM or X-SAM.
+) -> Optimizer:
+  """SGD (momentum, weight decay, given schedule), alone or behind SAM, X-SAM or Eigen-SAM.
 
-  ``normalize`` and ``sign_invariant`` are X-SAM's (see
-  :func:`xsam_optax.eigenvector_correction`).
-
-  ``name`` is one of ``OPTIMIZERS`` or ``EXTRA_OPTIMIZERS``: ``"xsam_si"`` is
-  X-SAM with ``sign_invariant=True``; ``"eigensam"`` chains
+  ``name`` is one of ``OPTIMIZERS`` or ``EXTRA_OPTIMIZERS``. ``normalize`` and
+  ``sign_invariant`` are X-SAM's (see
+  :func:`xsam_optax.eigenvector_correction`); ``"eigensam"`` chains
   :func:`xsam_optax.eigen_sam_ascent` (``rho``, ``alpha``, ``update_every``,
-  ``num_iters``, ``method``, ``seed``) in front of the base optimizer.
+  ``num_iters``, ``method``, ``seed``) in front of the base optimizer. The
+  returned :class:`Optimizer` carries ``update_every`` as its
+  ``refresh_every``, the one place the host's schedule comes from.
 
   Example:
-    >>> tx = make_optimizer("sam", learning_rate=0.1, rho=0.05)
-    >>> isinstance(tx, optax.GradientTransformationExtraArgs)
-    True
+    >>> opt = make_optimizer("xsam", learning_rate=0.1, update_every=3)
+    >>> isinstance(opt.tx, optax.GradientTransformationExtraArgs), opt.refresh_every
+    (True, 3)
   """
   base = optax.chain(
       optax.add_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum),
   )
+  tracking = dict(update_every=update_every, num_iters=num_iters, method=method,
+                  seed=seed)
   if name == "sgd":
-    return optax.with_extra_args_support(base)
+    return Optimizer(optax.with_extra_args_support(base), None)
   if name == "sam":
-    return xsam_optax.sam(base, rho=rho)
-  if name in ("xsam", "xsam_si"):
-    return xsam_optax.xsam(
-        base, rho=rho, alpha=alpha, update_every=update_every, num_iters=num_iters,
-        method=method, sign_invariant=sign_invariant or name == "xsam_si",
-        normalize=normalize, seed=seed)
+    return Optimizer(xsam_optax.sam(base, rho=rho), None)
+  if name == "xsam":
+    return Optimizer(xsam_optax.xsam(
+        base, rho=rho, alpha=alpha, sign_invariant=sign_invariant,
+        normalize=normalize, **tracking), update_every)
   if name == "eigensam":
-    return optax.chain(
-        xsam_optax.eigen_sam_ascent(
-            rho, alpha, update_every=update_every, num_iters=num_iters, method=method,
-            seed=seed),
-        base)
+    return Optimizer(
+        optax.chain(xsam_optax.eigen_sam_ascent(rho, alpha, **tracking), base),
+        update_every)
   raise ValueError(
       f"optimizer must be one of {OPTIMIZERS + EXTRA_OPTIMIZERS}, got {name!r}")
 
@@ -379,9 +396,55 @@ class RunResult(NamedTuple):
   eval_seconds: float | None = None
 
 
+def compile_steps(model, optimizer: Optimizer, state: TrainState, x: jax.Array,
+                  y: jax.Array, *, curvature: str = "hessian") -> dict:
+  """The step compiled ahead of time, keyed by the ``refresh`` it is run with.
+
+  ``{True: ..., False: ...}`` when ``optimizer.refresh_every`` is set (the
+  host picks one per step, and neither has a ``lax.cond``), else ``{None: ...}``
+  (one program; refreshes, if any, under the transform's own ``lax.cond``).
+  """
+  jitted = jax.jit(make_train_step(model, optimizer.tx, curvature=curvature),
+                   static_argnames="refresh")
+  if optimizer.refresh_every is None:
+    return {None: jitted.lower(state, x, y).compile()}
+  return {r: jitted.lower(state, x, y, refresh=r).compile() for r in (True, False)}
+
+
+def run_epoch(steps: dict, refresh_every: int | None, state: TrainState, x_train,
+              y_train, batches: np.ndarray, *, first_step: int,
+              progress: Any = None) -> tuple[TrainState, list[dict[str, Any]]]:
+  """Runs one epoch of ``batches`` (index rows); returns the state and each step's metrics.
+
+  ``first_step`` is the global step count before the epoch: with
+  ``refresh_every`` set, step ``first_step + i`` refreshes exactly when
+  :func:`xsam_optax.refresh_due` says so, the transform's own schedule.
+  """
+  history = []
+  for i, idx in enumerate(batches):
+    refresh = (None if refresh_every is None
+               else xsam_optax.refresh_due(first_step + i, refresh_every))
+    state, metrics = steps[refresh](state, x_train[idx], y_train[idx])
+    history.append(metrics)
+    if progress is not None:
+      progress.update(1)
+  return state, jax.device_get(history)  # device_get waits for the last step.
+
+
+def _summarise(history: list[dict[str, Any]]) -> dict[str, float]:
+  cos = np.array([m["cos_angle"] for m in history])
+  return {
+      "train_loss": float(np.mean([m["loss"] for m in history])),
+      "train_accuracy": float(np.mean([m["accuracy"] for m in history])),
+      "grad_norm": float(np.mean([m["grad_norm"] for m in history])),
+      "cos": float(np.mean(cos)),
+      "abs_cos": float(np.mean(np.abs(cos))),
+  }
+
+
 def run_training(
     model,
-    tx: optax.GradientTransformationExtraArgs,
+    optimizer: Optimizer | optax.GradientTransformation,
     dataset,
     *,
     epochs: int,
@@ -391,42 +454,38 @@ def run_training(
     eval_y: jax.Array,
     top_eigenvalue_fn: Callable[..., jax.Array],
     eval_fn: Callable[..., tuple[jax.Array, jax.Array]],
-    refresh_every: int | None = None,
     curvature: str = "hessian",
     progress: Any = None,
     variables: dict[str, PyTree] | None = None,
 ) -> tuple[TrainState, RunResult]:
   """Runs the protocol for one optimizer and returns the final state and curves.
 
+  ``optimizer``: an :class:`Optimizer` from :func:`make_optimizer`; with a
+  ``refresh_every`` the step is compiled twice ahead of time, with
+  ``refresh=True`` (eigenvector refresh) and ``refresh=False``, and the host
+  picks one per step on the transform's own schedule (steps 0, k, 2k, ...),
+  the fast way on CPU. A plain optax transform runs as one program, its
+  refreshes (if any) under ``lax.cond``.
+
   ``eval_fn`` and ``top_eigenvalue_fn`` should be the same jitted callables for
-  every optimizer (compiled once). ``progress`` is an optional object with
-  tqdm's ``update(n)`` / ``set_postfix(**kw)``. ``variables``: initial model
-  variables shared by every run (default: :func:`init_variables` from ``seed``).
-
-  ``curvature``: what X-SAM's refreshes multiply by (see :func:`make_train_step`).
-  ``refresh_every``: for X-SAM, its ``update_every``. The step is then compiled
-  twice ahead of time, with ``refresh=True`` (eigenvector refresh) and
-  ``refresh=False``, and the host picks one per step (refresh at steps 0, k,
-  2k, ... as the transform's own schedule). On CPU this ran about 7x faster
-  than a refresh under ``lax.cond`` inside one program. ``None``: one variant.
+  every optimizer (compiled once). ``curvature``: what X-SAM's refreshes
+  multiply by (see :func:`make_train_step`). ``progress`` is an optional object
+  with tqdm's ``update(n)`` / ``set_postfix(**kw)``. ``variables``: initial
+  model variables shared by every run (default: :func:`init_variables` from
+  ``seed``).
   """
-  steps_per_epoch = len(dataset.x_train) // batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(
-        f"batch_size {batch_size} exceeds the {len(dataset.x_train)} training examples")
+  if not isinstance(optimizer, Optimizer):
+    optimizer = Optimizer(optax.with_extra_args_support(optimizer), None)
   x_train, y_train = dataset.x_train, dataset.y_train
-  state = init_state(model, tx, jnp.asarray(x_train[:batch_size]), seed=seed,
-                     variables=variables)
+  if len(x_train) // batch_size < 1:
+    raise ValueError(
+        f"batch_size {batch_size} exceeds the {len(x_train)} training examples")
+  state = init_state(model, optimizer.tx, jnp.asarray(x_train[:batch_size]),
+                     seed=seed, variables=variables)
   v0 = lanczos_start(state.params, seed)
-
   t0 = time.perf_counter()
-  jitted = jax.jit(make_train_step(model, tx, curvature=curvature),
-                   static_argnames="refresh")
-  sample = (state, x_train[:batch_size], y_train[:batch_size])
-  if refresh_every is None:
-    steps = {None: jitted.lower(*sample).compile()}
-  else:
-    steps = {r: jitted.lower(*sample, refresh=r).compile() for r in (True, False)}
+  steps = compile_steps(model, optimizer, state, x_train[:batch_size],
+                        y_train[:batch_size], curvature=curvature)
   compile_seconds = time.perf_counter() - t0
 
   curves = {k: [] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
@@ -434,40 +493,30 @@ def run_training(
   global_step, eval_seconds = 0, 0.0
   for epoch in range(epochs):
     batches = epoch_batches(len(x_train), batch_size, seed=seed, epoch=epoch)
-    history = []
     t0 = time.perf_counter()
-    for idx in batches:
-      refresh = (None if refresh_every is None
-                 else xsam_optax.refresh_due(global_step, refresh_every))
-      state, metrics = steps[refresh](state, x_train[idx], y_train[idx])
-      global_step += 1
-      history.append(metrics)
-      if progress is not None:
-        progress.update(1)
-    history = jax.device_get(history)  # Waits for the epoch's last step.
+    state, history = run_epoch(steps, optimizer.refresh_every, state, x_train, y_train,
+                               batches, first_step=global_step, progress=progress)
     curves["ms"].append(1e3 * (time.perf_counter() - t0) / len(batches))
+    global_step += len(batches)
 
     t0 = time.perf_counter()
     test_loss, test_acc = eval_fn(state.params, state.batch_stats, dataset.x_test, dataset.y_test)
     eig = float(top_eigenvalue_fn(state.params, state.batch_stats, eval_x, eval_y, v0))
     eval_seconds += time.perf_counter() - t0
-    cos = np.array([m["cos_angle"] for m in history])
-    curves["train_loss"].append(float(np.mean([m["loss"] for m in history])))
-    curves["train_accuracy"].append(float(np.mean([m["accuracy"] for m in history])))
-    curves["grad_norm"].append(float(np.mean([m["grad_norm"] for m in history])))
-    curves["test_loss"].append(float(test_loss))
-    curves["test_accuracy"].append(float(test_acc))
-    curves["top_eigenvalue"].append(float(eig))
-    curves["cos"].append(float(np.mean(cos)))
-    curves["abs_cos"].append(float(np.mean(np.abs(cos))))
+    summary = dict(_summarise(history), test_loss=float(test_loss),
+                   test_accuracy=float(test_acc), top_eigenvalue=eig)
+    for key, value in summary.items():
+      curves[key].append(value)
     if progress is not None:
-      progress.set_postfix(
-          loss=f"{curves['train_loss'][-1]:.3f}",
-          acc=f"{curves['test_accuracy'][-1]:.3f}",
-          eig=f"{curves['top_eigenvalue'][-1]:.3g}")
+      progress.set_postfix(loss=f"{summary['train_loss']:.3f}",
+                           acc=f"{summary['test_accuracy']:.3f}", eig=f"{eig:.3g}")
+  return state, _run_result(curves, compile_seconds, eval_seconds)
 
+
+def _run_result(curves: dict[str, list[float]], compile_seconds: float,
+                eval_seconds: float) -> RunResult:
   has_cos = not np.isnan(curves["cos"]).any()
-  result = RunResult(
+  return RunResult(
       train_loss=curves["train_loss"],
       train_accuracy=curves["train_accuracy"],
       test_loss=curves["test_loss"],
@@ -480,4 +529,3 @@ def run_training(
       mean_grad_norm=curves["grad_norm"],
       eval_seconds=eval_seconds,
   )
-  return state, result

@@ -1,0 +1,72 @@
+"""The API reference (docs/, Sphinx) and the docstrings it is built from."""
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import xsam_optax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("Args:", "Returns:", "Examples:", "References:")  # optax's order
+
+
+def test_api_reference_builds_without_warnings(tmp_path):
+  out = tmp_path / "html"
+  proc = subprocess.run(
+      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-E",
+       "-b", "html", os.path.join(ROOT, "docs"), str(out)],
+      capture_output=True, text=True, check=False, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  for name in xsam_optax.__all__:
+    page = out / "_autosummary" / f"xsam_optax.{name}.html"
+    assert page.exists(), name
+    assert f"xsam_optax.{name}" in page.read_text(encoding="utf-8"), name
+  guide = (out / "guide.html").read_text(encoding="utf-8")
+  assert "Use it in a training step" in guide  # the README, included
+
+
+def test_api_reference_lists_every_public_name_once():
+  with open(os.path.join(ROOT, "docs", "api.rst"), encoding="utf-8") as f:
+    text = f.read()
+  listed = re.findall(r"^   ([A-Za-z_]\w*)$", text, flags=re.MULTILINE)
+  assert sorted(listed) == sorted(xsam_optax.__all__)
+
+
+def _public_callables():
+  for name in xsam_optax.__all__:
+    obj = getattr(xsam_optax, name)
+    if inspect.isfunction(obj):
+      yield name, obj
+
+
+@pytest.mark.parametrize("name, fn", list(_public_callables()))
+def test_public_docstrings_have_optax_sections_in_order(name, fn):
+  doc = inspect.getdoc(fn)
+  found = [s for s in SECTIONS if re.search(rf"^{s}$", doc, flags=re.MULTILINE)]
+  assert found[:3] == ["Args:", "Returns:", "Examples:"], (name, found)
+  positions = [re.search(rf"^{s}$", doc, flags=re.MULTILINE).start() for s in found]
+  assert positions == sorted(positions), (name, found)
+  assert ">>> " in doc.split("Examples:")[1], name  # doctested
+
+
+def test_library_docstrings_state_no_benchmark_figures():
+  """Speed-ups drift; the README's generated Performance section has them."""
+  package = os.path.join(ROOT, "xsam_optax")
+  for module in sorted(os.listdir(package)) + sorted(
+      os.path.join("train", m) for m in os.listdir(os.path.join(package, "train"))):
+    if not module.endswith(".py"):
+      continue
+    with open(os.path.join(package, module), encoding="utf-8") as f:
+      text = f.read()
+    for figure in re.findall(r"[^\n]*\b\d+(?:\.\d+)?x\b[^\n]*", text):
+      pytest.fail(f"{module}: a speed figure in the source: {figure.strip()}")
+
+
+def test_readme_links_to_the_api_reference():
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  assert "](docs/" in readme and "sphinx" in readme
