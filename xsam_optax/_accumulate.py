@@ -34,6 +34,12 @@ def accumulated_grad_fn(
   update equals the full-batch one. Sums are kept in at least float32 and
   cast back to the parameters' dtypes.
 
+  This, not ``optax.MultiSteps(xsam(...))``, is gradient accumulation for
+  X-SAM: ``MultiSteps`` runs a whole X-SAM update per micro-batch with that
+  micro-batch's ``grad_fn`` (its running mean only sets the perturbation
+  direction) and drops refreshes made on micro-steps whose update it does not
+  emit. ``update(..., check_incoming=True)`` reports it.
+
   Args:
     loss_fn: ``loss_fn(params, microbatch) -> scalar``, the mean loss over
       the micro-batch.

@@ -9,6 +9,7 @@ from xsam_optax import _correction
 from xsam_optax import _sam
 from xsam_optax import _tracking
 from xsam_optax import _tree
+from xsam_optax import _validation
 
 
 def sam(
@@ -19,6 +20,11 @@ def sam(
     batch_axis_name: _tree.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SAM: ``optax.chain(sam_ascent(rho, ...), optimizer)``.
+
+  The ascent replaces the gradient by one computed with ``grad_fn``: clip or
+  decay inside ``optimizer`` (``sam(optax.chain(optax.clip_by_global_norm(1.0),
+  optax.sgd(0.1)))``), never in a chain before ``sam(...)``, where it would
+  only tilt the perturbation; see :func:`sam_ascent`.
 
   Args:
     optimizer: the base optimizer that receives the SAM gradient.
@@ -33,6 +39,7 @@ def sam(
     >>> import optax, xsam_optax
     >>> tx = xsam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
   """
+  _validation.check_transformation("optimizer", optimizer)
   return optax.chain(
       _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),
       optimizer,
@@ -66,6 +73,17 @@ def xsam(
   ``tx.update(..., refresh=xsam_optax.refresh_due(step, update_every))``
   inside a step jitted with ``static_argnames="refresh"``.
 
+  **Composing.** The SAM ascent replaces the gradient by one computed with
+  ``grad_fn``, so clipping and weight decay go inside ``optimizer``
+  (``xsam(optax.chain(optax.clip_by_global_norm(1.0),
+  optax.add_decayed_weights(5e-4), optax.sgd(0.1)))``), not in a chain
+  before ``xsam(...)``; ``update(..., check_incoming=True)`` raises if
+  something changed the gradient before the ascent. Accumulate micro-batches
+  with :func:`accumulated_grad_fn` as ``grad_fn``, not with
+  ``optax.MultiSteps``. With Flax Linen use
+  :class:`xsam_optax.flax_utils.TrainState`, whose ``apply_gradients``
+  forwards ``grad_fn``.
+
   Args:
     optimizer: the base optimizer (the paper: SGD with momentum 0.9).
     rho: SAM radius.
@@ -98,6 +116,7 @@ def xsam(
     ...                            grad_fn=grad_fn)
     >>> params = optax.apply_updates(params, updates)
   """
+  _validation.check_transformation("optimizer", optimizer)
   return optax.chain(
       _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),
       _correction.eigenvector_correction(

@@ -20,10 +20,17 @@ class EigenvectorCorrectionState(NamedTuple):
     count: int32, number of ``update`` calls so far.
     eigenvector: unit-norm estimate of the Hessian's top eigenvector, a pytree
       like the parameters (same dtypes).
-    eigenvalue: its Rayleigh-quotient eigenvalue at the last refresh (0 before
-      the first).
-    residual: :math:`\\|Hv - \\lambda v\\|` at the last refresh (``inf`` before
-      the first or when unknown).
+    eigenvalue: the top-eigenvalue estimate of the last refresh (0 before the
+      first). With ``method="lanczos"`` it is the Ritz value of
+      ``eigenvector`` itself. With ``method="power"`` it is the Rayleigh
+      quotient :math:`u^\\top H u` of the last iterate :math:`u` that was
+      multiplied, i.e. of the vector one power step *before* ``eigenvector``
+      (which is :math:`Hu / \\|Hu\\|`): the two belong to the same vector
+      only once the iteration has converged. With a callable ``method``, the
+      ``eigenvalue`` of its :class:`EigenResult`.
+    residual: :math:`\\|Hu - \\lambda u\\|` for that same vector (the Ritz
+      residual for Lanczos) at the last refresh (``inf`` before the first or
+      when unknown).
     cos_angle: cosine between the incoming gradient and ``eigenvector`` at
       the last step.
   """

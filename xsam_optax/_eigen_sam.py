@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_optax import _ascent
 from xsam_optax import _tracking
 from xsam_optax import _tree
 from xsam_optax import _validation
@@ -48,7 +49,11 @@ def eigen_sam_ascent(
   :func:`eigenvector_correction` (refresh every ``update_every`` steps from
   step 0, by ``method``, warm-started), with the
   defaults of the Eigen-SAM paper. Chain it in front of the base optimizer:
-  ``optax.chain(eigen_sam_ascent(), optax.sgd(0.1, momentum=0.9))``.
+  ``optax.chain(eigen_sam_ascent(), optax.sgd(0.1, momentum=0.9))``. Like
+  :func:`sam_ascent` it replaces the gradient by one computed with
+  ``grad_fn`` (put clipping and weight decay after it, in the base
+  optimizer; ``update(..., check_incoming=True)`` checks the placement), and
+  a gradient that is not finite at the SAM point becomes zeros.
 
   Args:
     rho: radius of the neighbourhood (``>= 0``).
@@ -65,7 +70,8 @@ def eigen_sam_ascent(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` needing ``params`` and
     ``grad_fn``; ``update`` accepts ``refresh`` and ``curvature_fn`` like
-    :func:`eigenvector_correction`.
+    :func:`eigenvector_correction`, and ``check_incoming`` like
+    :func:`sam_ascent`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -95,9 +101,15 @@ def eigen_sam_ascent(
     return EigenSamState(**_tracking.initial_fields(params, seed))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, refresh=None,
-                curvature_fn=None, **extra_args):
+                curvature_fn=None, check_incoming=False, **extra_args):
     _tracking.reject_removed_extras(extra_args, owner="eigen_sam_ascent")
     del extra_args
+    _validation.require_grad_fn(grad_fn, params, owner="eigen_sam_ascent")
+    params = _tree.as_arrays(params)
+    _validation.check_bool("check_incoming", check_incoming)
+    if check_incoming:
+      _ascent.verify_incoming(updates, params, grad_fn, batch_axis_name,
+                              owner="eigen_sam_ascent")
     eigenvector, eigenvalue, residual = _tracking.track(
         state, params, grad_fn, settings, refresh, owner="eigen_sam_ascent",
         curvature_fn=curvature_fn)
@@ -106,8 +118,10 @@ def eigen_sam_ascent(
     perpendicular = _tree.add_scaled(eigenvector, -cos, unit)
     direction = _tree.add_scaled(unit, alpha * jnp.sign(cos), perpendicular)
     direction, _ = _tree.safe_normalize(direction)
-    adv_grads = grad_fn(_tree.add_scaled(params, rho, direction))
-    return _tree.batch_mean(adv_grads, batch_axis_name), EigenSamState(
+    adv_grads = _ascent.sam_gradient(
+        grad_fn, _tree.add_scaled(params, rho, direction), params,
+        batch_axis_name, owner="eigen_sam_ascent")
+    return adv_grads, EigenSamState(
         count=optax.safe_increment(state.count),
         eigenvector=eigenvector,
         eigenvalue=eigenvalue,

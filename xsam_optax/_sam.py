@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_optax import _ascent
 from xsam_optax import _tree
 from xsam_optax import _validation
-
 
 class SamAscentState(NamedTuple):
   """``sam_ascent`` keeps no state."""
@@ -36,6 +36,23 @@ def sam_ascent(
   Chain it in front of any optimizer: ``optax.chain(sam_ascent(0.05),
   optax.sgd(0.1))`` is SAM with SGD.
 
+  **Place it first; clip and decay after it.** The ascent *replaces* the
+  gradient by one it computes with ``grad_fn``, so a transform chained
+  before it (``optax.clip_by_global_norm``, ``optax.add_decayed_weights``,
+  ...) only tilts the perturbation and is otherwise lost. Put such
+  transforms after it, in the base optimizer:
+  ``optax.chain(sam_ascent(0.05), optax.clip_by_global_norm(1.0),
+  optax.sgd(0.1))``. ``update(..., check_incoming=True)`` verifies that the
+  incoming gradient is ``grad_fn(params)`` and raises otherwise; it costs one
+  more gradient (under ``jax.jit``, XLA can merge it with your own
+  ``grad_fn(params)``), and also catches ``optax.MultiSteps`` around the
+  ascent (accumulate with :func:`accumulated_grad_fn` instead).
+
+  **A loss not finite at the SAM point** (finite at :math:`\theta`, not at
+  :math:`\theta + \epsilon`) gives a zero gradient to the base optimizer,
+  never NaN. ``optax.apply_if_finite`` cannot catch this case, since the
+  incoming gradient is finite.
+
   Args:
     rho: radius of the neighbourhood (``>= 0``).
     adaptive: ASAM's scale-invariant neighbourhood.
@@ -43,7 +60,8 @@ def sam_ascent(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs
-    ``params`` and the keyword argument ``grad_fn``.
+    ``params`` and the keyword argument ``grad_fn``, and accepts
+    ``check_incoming`` (a Python bool).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -70,9 +88,15 @@ def sam_ascent(
     del params
     return SamAscentState()
 
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, grad_fn=None,
+                check_incoming=False, **extra_args):
     del extra_args
     _validation.require_grad_fn(grad_fn, params, owner="sam_ascent")
+    params = _tree.as_arrays(params)
+    _validation.check_bool("check_incoming", check_incoming)
+    if check_incoming:
+      _ascent.verify_incoming(updates, params, grad_fn, batch_axis_name,
+                              owner="sam_ascent")
     if adaptive:
       scaled = jax.tree.map(lambda g, w: g * jnp.abs(w), updates, params)
       direction, _ = _tree.safe_normalize(scaled)
@@ -80,8 +104,7 @@ def sam_ascent(
     else:
       direction, _ = _tree.safe_normalize(updates)
     perturbed = _tree.add_scaled(params, rho, direction)
-    adv_grads = grad_fn(perturbed)
-    _tree.check_same_structure(params, adv_grads, what="grad_fn")
-    return _tree.batch_mean(adv_grads, batch_axis_name), state
+    return _ascent.sam_gradient(grad_fn, perturbed, params, batch_axis_name,
+                                owner="sam_ascent"), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -217,13 +217,24 @@ def track(
   averaged over ``batch_axis_name``.
   """
   _validation.require_grad_fn(grad_fn, params, owner=owner)
+  params = _tree.as_arrays(params)
+  refresh = _validation.check_refresh(refresh)
   _tree.check_same_structure(
       params, jax.eval_shape(grad_fn, params), what="grad_fn")
   product = _curvature_product(params, grad_fn, curvature_fn, owner)
+  if not jax.tree.leaves(params):
+    return _kept(state)  # Nothing to estimate.
   if refresh is None:
     # Every step refreshes when update_every == 1: no lax.cond needed.
     refresh = (True if settings.update_every == 1
                else state.count % settings.update_every == 0)
+  if isinstance(refresh, jax.Array):
+    # Called without jit the choice is known here; a lax.cond would be
+    # traced and compiled anew at every call (seconds per step).
+    try:
+      refresh = bool(refresh)
+    except jax.errors.ConcretizationTypeError:
+      pass
   if isinstance(refresh, (bool, np.bool_)):
     if refresh:
       return _refreshed(state, product, settings)

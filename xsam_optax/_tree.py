@@ -8,11 +8,23 @@ from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
 # The name of a mapped axis (pmap, shard_map, vmap), or a tuple of them.
 AxisName = Optional[Union[str, tuple[str, ...]]]
+
+
+def as_arrays(tree: PyTree) -> PyTree:
+  """Python and NumPy scalar leaves as JAX arrays; other leaves untouched.
+
+  ``jax.grad`` accepts a Python float parameter, so users write them; the
+  transforms' arithmetic needs a ``dtype`` on every leaf.
+  """
+  scalar = (int, float, complex, np.generic)
+  return jax.tree.map(
+      lambda x: jnp.asarray(x) if isinstance(x, scalar) else x, tree)
 
 
 def scalar_dtype(tree: PyTree) -> jnp.dtype:
@@ -132,8 +144,13 @@ def explicit_sharding(x: jax.Array):
   return sharding if any(s is not None for s in spec) else None
 
 
+@jax.jit
 def random_unit_like(key: jax.Array, tree: PyTree) -> PyTree:
   """A Gaussian direction with the structure and dtypes of ``tree``, unit norm.
+
+  Jitted: called eagerly (``tx.init(params)``), its dozens of operations
+  would each be compiled on their own, seconds on a CPU; one program is one
+  compilation.
 
   Leaves sharded over explicit mesh axes are drawn with that sharding, so the
   draw never materialises on one device and later ``jnp.where`` against
@@ -141,22 +158,57 @@ def random_unit_like(key: jax.Array, tree: PyTree) -> PyTree:
   """
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, max(len(leaves), 1))
-  draws = [
-      jax.random.normal(k, jnp.shape(x), jnp.float32,
-                        out_sharding=explicit_sharding(x)
-                        ).astype(jnp.result_type(x))
-      for k, x in zip(keys, leaves)
-  ]
+  def draw(k, x):
+    sharding = explicit_sharding(x)
+    # out_sharding only where it is needed: jax < 0.6 has no such argument.
+    kwargs = {} if sharding is None else {"out_sharding": sharding}
+    return jax.random.normal(k, jnp.shape(x), jnp.float32,
+                             **kwargs).astype(jnp.result_type(x))
+
+  draws = [draw(k, x) for k, x in zip(keys, leaves)]
   unit, _ = safe_normalize(jax.tree.unflatten(treedef, draws))
   return unit
 
 
+def _shape_dtype(x) -> tuple[tuple[int, ...], jnp.dtype]:
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return tuple(x.shape), jnp.dtype(x.dtype)
+  return jnp.shape(x), jnp.result_type(x)
+
+
 def check_same_structure(expected: PyTree, got: PyTree, *, what: str) -> None:
-  """Raises a ``ValueError`` naming both structures when they differ."""
+  """Raises a ``ValueError`` unless ``got`` is shaped like ``expected``.
+
+  Same tree structure (the error names both), and leaf by leaf the same
+  shape and dtype (the error names the leaf): a gradient with respect to
+  ``expected`` has exactly that, and a broadcastable shape would otherwise
+  silently reshape the parameters.
+  """
   expected_def = jax.tree.structure(expected)
   got_def = jax.tree.structure(got)
   if expected_def != got_def:
+    hint = ""
+    if (isinstance(got, tuple) and len(got) == 2
+        and expected_def in (jax.tree.structure(got[0]),
+                             jax.tree.structure(got[1]))):
+      hint = (
+          f"\n  {what} returns a pair: did you pass jax.value_and_grad(...) "
+          "or jax.grad(..., has_aux=True)? It must return the gradient "
+          "only, e.g. lambda p: jax.grad(loss, has_aux=True)(p, batch)[0].")
     raise ValueError(
         f"{what} returned a pytree whose structure differs from params.\n"
-        f"  params: {expected_def}\n  {what}: {got_def}"
+        f"  params: {expected_def}\n  {what}: {got_def}{hint}"
     )
+  paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+  for (path, want), have in zip(paths, jax.tree.leaves(got)):
+    (want_shape, want_dtype), (have_shape, have_dtype) = (
+        _shape_dtype(want), _shape_dtype(have))
+    if (want_shape, want_dtype) != (have_shape, have_dtype):
+      where = jax.tree_util.keystr(path)
+      raise ValueError(
+          f"{what} returned a leaf of shape {have_shape} and dtype "
+          f"{have_dtype} at {where}, but params{where} has shape "
+          f"{want_shape} and dtype {want_dtype}: {what} must return the "
+          "gradient with respect to params, leaf for leaf (jax.grad does; "
+          "cast a gradient computed in another precision back with "
+          "jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)).")

@@ -4,15 +4,49 @@ Floats are checked only when they are plain Python numbers, so that
 ``optax.inject_hyperparams`` (which passes arrays) keeps working.
 """
 
+import inspect
+import math
 import numbers
+import os
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+import jax
+import numpy as np
+import optax
 
 GRAD_FN_HELP = (
     "Pass the gradient of the training loss on the current mini-batch as a "
     "keyword argument, e.g.\n"
     "  grad_fn = jax.grad(lambda p: loss(p, batch))\n"
     "  updates, state = tx.update(grads, state, params, grad_fn=grad_fn)"
+)
+WRAPPERS_HELP = (
+    "If you did pass grad_fn, something between your call and this "
+    "transform dropped it: flax's TrainState.apply_gradients (use "
+    "xsam_optax.flax_utils.TrainState, which forwards it) and optax.lookahead "
+    "do not forward keyword arguments to tx.update (README, 'Composing with "
+    "optax and Flax', shows how to bind grad_fn for such wrappers)."
+)
+TRAIN_STATE_HELP = (
+    "flax.training.train_state.TrainState.apply_gradients called tx.update "
+    "without it: it passes extra keyword arguments (grad_fn=...) to "
+    ".replace(), not to tx.update. Use xsam_optax.flax_utils.TrainState, "
+    "whose apply_gradients forwards them:\n"
+    "  from xsam_optax.flax_utils import TrainState\n"
+    "  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)\n"
+    "  state = state.apply_gradients(grads=grads, grad_fn=grad_fn)"
+)
+MASKED_HELP = (
+    "params contains optax.MaskedNode leaves: this transform runs inside "
+    "optax.masked or optax.multi_transform, which hide the other parameters "
+    "from it, so grad_fn cannot be evaluated at the parameters the loss "
+    "needs. To keep parameters frozen, give the X-SAM optimizer only the "
+    "trainable ones and close the loss over the frozen ones:\n"
+    "  grad_fn = jax.grad(lambda t: loss({**t, **frozen}, batch))\n"
+    "  updates, state = tx.update(grad_fn(trainable), state, trainable, "
+    "grad_fn=grad_fn)\n"
+    "(README, 'Composing with optax and Flax')."
 )
 
 
@@ -36,15 +70,20 @@ def check_int(name: str, value: Any, *, minimum: int,
 
 def check_float(name: str, value: Any, *, minimum: float,
                 maximum: Optional[float] = None) -> None:
-  """Requires ``minimum <= value <= maximum`` when ``value`` is a number."""
+  """Requires a finite ``minimum <= value <= maximum`` for a plain number.
+
+  NaN and infinities are rejected even without an upper bound: ``rho=inf``
+  would put every SAM point at infinity.
+  """
   if isinstance(value, bool):
     raise ValueError(f"{name} must be a number, got {value!r}.")
   if not isinstance(value, numbers.Real):
     return  # An array or tracer, e.g. from optax.inject_hyperparams.
   allowed = (f"in [{minimum}, {maximum}]" if maximum is not None
              else f">= {minimum}")
-  if not (minimum <= value and (maximum is None or value <= maximum)):
-    raise ValueError(f"{name} must be {allowed}, got {value}.")
+  if not (math.isfinite(value) and minimum <= value
+          and (maximum is None or value <= maximum)):
+    raise ValueError(f"{name} must be a finite number {allowed}, got {value}.")
 
 
 def check_bool(name: str, value: Any) -> None:
@@ -66,14 +105,76 @@ def check_axis_name(name: str, value: Any) -> None:
         f"got {value!r}.")
 
 
+def _called_from_flax_train_state() -> bool:
+  """Whether flax's ``TrainState.apply_gradients`` is on the call stack."""
+  suffix = os.path.join("flax", "training", "train_state.py")
+  frame = inspect.currentframe()
+  while frame is not None:
+    code = frame.f_code
+    if code.co_name == "apply_gradients" and code.co_filename.endswith(suffix):
+      return True
+    frame = frame.f_back
+  return False
+
+
+def _has_masked_node(tree: Any) -> bool:
+  masked_node = optax.MaskedNode
+  return any(isinstance(x, masked_node) for x in jax.tree.leaves(
+      tree, is_leaf=lambda x: isinstance(x, masked_node)))
+
+
 def require_grad_fn(grad_fn: Optional[Callable[[Any], Any]], params: Any, *,
                     owner: str) -> None:
-  """Clear errors for the two arguments every X-SAM transform needs."""
+  """Clear errors for the two arguments every X-SAM transform needs.
+
+  A missing ``grad_fn`` names the wrapper that dropped it when that is
+  flax's ``TrainState.apply_gradients`` (found on the call stack), and the
+  usual suspects otherwise; ``params`` with ``optax.MaskedNode`` leaves say
+  that the transform runs inside ``optax.masked``.
+  """
   if grad_fn is None:
-    raise ValueError(f"{owner}.update needs grad_fn. {GRAD_FN_HELP}")
+    if _called_from_flax_train_state():
+      raise ValueError(f"{owner}.update needs grad_fn, and "
+                       f"{TRAIN_STATE_HELP}")
+    raise ValueError(
+        f"{owner}.update needs grad_fn. {GRAD_FN_HELP}\n{WRAPPERS_HELP}")
   if not callable(grad_fn):
     raise ValueError(f"{owner}: grad_fn must be callable, got {grad_fn!r}.")
   if params is None:
     raise ValueError(
         f"{owner}.update needs params (the current parameters): "
         "tx.update(grads, state, params, grad_fn=grad_fn).")
+  if _has_masked_node(params):
+    raise ValueError(f"{owner}: {MASKED_HELP}")
+
+
+def check_transformation(name: str, value: Any) -> None:
+  """Requires an object with ``init`` and ``update``, e.g. ``optax.sgd(0.1)``."""
+  if not (callable(getattr(value, "init", None))
+          and callable(getattr(value, "update", None))):
+    raise ValueError(
+        f"{name} must be an optax.GradientTransformation, e.g. "
+        f"optax.sgd(0.1) (not the factory optax.sgd), got {value!r}.")
+
+
+def check_refresh(refresh: Any) -> Union[None, bool, jax.Array]:
+  """``update``'s ``refresh``: None, a bool, or a boolean scalar array.
+
+  Returns a Python bool for every value known on the host (NumPy bools and
+  0-d boolean NumPy arrays included), so that the caller needs no
+  ``lax.cond`` for them, and a JAX boolean scalar (maybe traced) unchanged.
+  An int is rejected rather than read as a bool: ``refresh=step % 5`` is a
+  common slip for ``refresh=step % 5 == 0``.
+  """
+  if refresh is None or isinstance(refresh, bool):
+    return refresh
+  if isinstance(refresh, np.bool_):
+    return bool(refresh)
+  if (isinstance(refresh, (np.ndarray, jax.Array))
+      and refresh.shape == () and refresh.dtype == np.bool_):
+    return bool(refresh) if isinstance(refresh, np.ndarray) else refresh
+  raise ValueError(
+      "refresh must be None (follow the schedule in the state), a Python "
+      "bool (the host's choice: xsam_optax.refresh_due(step, update_every)) "
+      f"or a boolean scalar array, got {refresh!r} "
+      f"({type(refresh).__name__}).")

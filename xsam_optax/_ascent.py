@@ -1,0 +1,114 @@
+"""What both SAM ascents (``sam_ascent`` and Eigen-SAM's) share: the
+gradient at the SAM point, computed with ``grad_fn``, and the optional check
+that the incoming gradient is ``grad_fn(params)``."""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xsam_optax import _tree
+
+PyTree = _tree.PyTree
+
+INCOMING_HELP = (
+    "X-SAM transforms recompute the gradient with grad_fn, so whatever "
+    "changed it before them only tilts the SAM perturbation and is otherwise "
+    "lost. Likely causes: a transform chained before sam_ascent / sam() / "
+    "xsam() / eigen_sam_ascent (clipping, weight decay, ...: put it in the "
+    "base optimizer, e.g. xsam(optax.chain(optax.clip_by_global_norm(1.0), "
+    "optax.add_decayed_weights(5e-4), optax.sgd(0.1)))); optax.MultiSteps "
+    "around it (it passes the running mean of micro-batch gradients, but "
+    "grad_fn is the last micro-batch's: use "
+    "xsam_optax.accumulated_grad_fn(loss_fn, batch, num_microbatches) as "
+    "grad_fn instead); or a grad_fn of another loss or batch than the "
+    "incoming gradient."
+)
+
+
+def call_grad_fn(grad_fn: Callable[[PyTree], PyTree], tree: PyTree, *,
+                 owner: str) -> PyTree:
+  """``grad_fn(tree)``; a failure gets a note saying what it was given."""
+  try:
+    return grad_fn(tree)
+  except Exception as e:
+    if hasattr(e, "add_note"):  # Python >= 3.11
+      e.add_note(
+          f"(grad_fn failed when xsam_optax.{owner} called it with one "
+          "argument, parameters shaped like the params it received: "
+          f"{jax.tree.structure(tree)}. grad_fn takes the parameters alone, "
+          "e.g. jax.grad(lambda p: loss_fn(p, batch)). Inside an optax "
+          "wrapper that changes the parameters' structure (optax.flatten, "
+          "optax.masked, optax.multi_transform) it cannot work; see the "
+          "README, 'Composing with optax and Flax'.)")
+    raise
+
+
+def sam_gradient(grad_fn: Callable[[PyTree], PyTree], point: PyTree,
+                 params: PyTree, batch_axis_name: _tree.AxisName, *,
+                 owner: str) -> PyTree:
+  """The gradient at the SAM point, averaged; zeros if it is not finite.
+
+  A loss can be finite at ``params`` and not at ``params + eps``: the base
+  optimizer then gets a zero gradient (as with X-SAM's normalisation), so
+  no NaN reaches the parameters. ``optax.apply_if_finite`` cannot see this
+  case: it checks the incoming gradient, which is finite.
+  """
+  grads = call_grad_fn(grad_fn, point, owner=owner)
+  _tree.check_same_structure(params, grads, what="grad_fn")
+  grads = _tree.batch_mean(grads, batch_axis_name)
+  finite = jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
+      or [jnp.array(True)]))
+  return jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)),
+                      grads)
+
+
+def _raise_if_differ(owner: str, difference, reference, tolerance) -> None:
+  difference, reference = float(difference), float(reference)
+  if not (np.isfinite(difference) and np.isfinite(reference)):
+    return  # A NaN/inf gradient is a numerical fault, not a composition one.
+  if difference > tolerance * reference:
+    relative = difference / reference if reference > 0 else float("inf")
+    raise ValueError(
+        f"{owner}: the incoming updates differ from grad_fn(params) "
+        f"(relative difference {relative:.3g}, tolerance {tolerance:.2g}). "
+        f"{INCOMING_HELP}")
+
+
+def verify_incoming(updates: PyTree, params: PyTree,
+                    grad_fn: Callable[[PyTree], PyTree],
+                    batch_axis_name: _tree.AxisName, *, owner: str) -> None:
+  """Raises if ``updates`` is not ``grad_fn(params)`` (costs one gradient).
+
+  Eagerly the ``ValueError`` is raised here; in a traced step (``jax.jit``,
+  ``lax.cond`` inside ``optax.MultiSteps``) it is raised on the host by a
+  ``jax.debug.callback`` when the step runs, and arrives wrapped in JAX's
+  runtime error. The tolerance is the square root of the incoming dtype's
+  machine epsilon, relative to ``||grad_fn(params)||``: rounding passes,
+  a clip or a weight decay does not.
+  """
+  expected = _tree.batch_mean(call_grad_fn(grad_fn, params, owner=owner),
+                              batch_axis_name)
+  _tree.check_same_structure(params, expected, what="grad_fn")
+  leaves = jax.tree.leaves(updates)
+  if not leaves:
+    return
+  tolerance = float(np.sqrt(max(
+      jnp.finfo(jnp.result_type(x)).eps if jnp.issubdtype(
+          jnp.result_type(x), jnp.inexact) else 0.0 for x in leaves)))
+
+  def leaf_difference(u, g):
+    acc = jnp.result_type(jnp.float32, u, g)
+    return jnp.asarray(u, acc) - jnp.asarray(g, acc)
+
+  difference = jax.tree.map(leaf_difference, updates, expected)
+  difference = jnp.sqrt(_tree.vdot(difference, difference))
+  reference = jnp.sqrt(_tree.vdot(expected, expected))
+  try:
+    _raise_if_differ(owner, difference, reference, tolerance)
+  except jax.errors.ConcretizationTypeError:
+    jax.debug.callback(
+        lambda d, r: _raise_if_differ(owner, d, r, tolerance),
+        difference, reference)
