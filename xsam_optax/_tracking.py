@@ -151,7 +151,11 @@ def reject_removed_extras(extra_args: dict[str, Any], *, owner: str) -> None:
 
 def _checked_result(result, eigenvector: PyTree):
   """The estimator's eigenpair, its eigenvector in the stored dtypes."""
-  _tree.check_same_structure(eigenvector, result.eigenvector, what="method")
+  if jax.tree.structure(result.eigenvector) != jax.tree.structure(eigenvector):
+    raise ValueError(
+        "method must return an eigenvector with the parameters' tree "
+        f"structure {jax.tree.structure(eigenvector)}, got "
+        f"{jax.tree.structure(result.eigenvector)}.")
   if jnp.shape(result.eigenvalue) != () or jax.tree.map(
       jnp.shape, result.eigenvector) != jax.tree.map(jnp.shape, eigenvector):
     raise ValueError(
