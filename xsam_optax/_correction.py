@@ -182,8 +182,8 @@ def eigenvector_correction(
   _validation.check_float("alpha", alpha, minimum=0.0, maximum=2.0)
   _validation.check_bool("sign_invariant", sign_invariant)
   _validation.check_bool("normalize", normalize)
-  settings = _tracking.refresh_settings(update_every, num_iters, method,
-                                        batch_axis_name, default_num_iters=1)
+  settings = _tracking.refresh_settings(
+      update_every, num_iters, method, batch_axis_name, owner=eigenvector_correction)
   _validation.check_int("seed", seed, minimum=0)
 
   def init_fn(params):

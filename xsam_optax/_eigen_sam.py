@@ -94,8 +94,8 @@ def eigen_sam_ascent(
   _validation.check_float("rho", rho, minimum=0.0)
   _validation.check_float("alpha", alpha, minimum=0.0)
   _validation.check_int("seed", seed, minimum=0)
-  settings = _tracking.refresh_settings(update_every, num_iters, method,
-                                        batch_axis_name, default_num_iters=5)
+  settings = _tracking.refresh_settings(
+      update_every, num_iters, method, batch_axis_name, owner=eigen_sam_ascent)
 
   def init_fn(params):
     return EigenSamState(**_tracking.initial_fields(params, seed))

@@ -9,6 +9,7 @@ in their state and refresh the eigenvector on a schedule, with an estimator
 
 from collections.abc import Callable
 import functools
+import inspect
 import numbers
 from typing import Any, NamedTuple, Optional, Union
 
@@ -44,13 +45,14 @@ class RefreshSettings(NamedTuple):
 
 def refresh_settings(update_every: int, num_iters: int, method: Method,
                      batch_axis_name: _tree.AxisName, *,
-                     default_num_iters: int) -> RefreshSettings:
+                     owner: Callable[..., Any]) -> RefreshSettings:
   """Validates the settings and binds a named ``method`` to ``num_iters``.
 
   A callable ``method`` carries its own settings, so ``num_iters`` must keep
-  its default (``default_num_iters``) then: a different value would be
-  silently unused.
+  its default then (read from ``owner``'s signature, the one place it is
+  written): a different value would be silently unused.
   """
+  default_num_iters = inspect.signature(owner).parameters["num_iters"].default
   _validation.check_int("update_every", update_every, minimum=1)
   _validation.check_axis_name("batch_axis_name", batch_axis_name)
   _validation.check_int("num_iters", num_iters, minimum=1)
