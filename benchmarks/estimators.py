@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import re
+import shlex
 import sys
 import time
 
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     env["load_average_at_end"] = _common.load_average()
     _common.write_json(args.json, {
         "benchmark": "estimators",
-        "command": " ".join(["python"] + sys.argv),
+        "command": shlex.join(["python"] + sys.argv),
         "environment": env,
         "config": {"model": "xsam_optax.train.models.CNN (3x Conv+BatchNorm, 32 ch)",
                    "batch": [args.batch_size, args.length, 1],

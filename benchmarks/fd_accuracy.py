@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import re
+import shlex
 import sys
 
 import jax
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
                  for k, v in d["cost"].items()})
   if args.json:
     _common.write_json(args.json, {
-        "benchmark": "fd_accuracy", "command": " ".join(["python"] + sys.argv),
+        "benchmark": "fd_accuracy", "command": shlex.join(["python"] + sys.argv),
         "environment": env, "scales": SCALES,
         "step_size_rule": "h = scale * 0.01 * sqrt(eps(dtype)) * max(1, ||theta||)",
         "results": out})

@@ -32,6 +32,7 @@ Not a test: nothing here asserts a quality.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
 
   def payload(complete):
     return {"benchmark": "quality", "complete": complete,
-            "command": " ".join(["python"] + sys.argv), "environment": env,
+            "command": shlex.join(["python"] + sys.argv), "environment": env,
             "config": {"steps": args.steps, "seeds": args.seeds,
                        "chunks": args.chunks,
                        "score_stride": SCORE_STRIDE,

@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import jax
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
   print(_common.format_table(("refresh", "memory - no refresh, x params"), rows))
   if args.json:
     _common.write_json(args.json, {
-        "benchmark": "refresh_memory", "command": " ".join(["python"] + sys.argv),
+        "benchmark": "refresh_memory", "command": shlex.join(["python"] + sys.argv),
         "environment": _common.environment(),
         "config": {"width": args.width, "batch": args.batch,
                    "param_bytes": int(size)},

@@ -96,6 +96,33 @@ def fd_section(d) -> str:
           + f"\n\nOne training step with one product per step, in gradients: {cost}.\n")
 
 
+def memory_section(d) -> str:
+  """A ``step_overhead.py --no-timing`` run: XLA's memory of each step only."""
+  cfg = d["config"]
+  rows = [(r["name"], "refresh=None" if r["path"] == "none" else
+           ("host" if r["optimizer"] == "xsam" else "-"),
+           None if r.get("memory_minus_sam_params") is None
+           else f"{r['memory_minus_sam_params']:.2f}")
+          for r in d["rows"]]
+  return (f"#### Step memory: {cfg['model_description']}, batch "
+          f"{cfg['batch_size']}, compiled on CPU\n\n`{d['command']}`\n\n"
+          + _common.format_table(("variant", "path", "memory - SAM's, x params"),
+                                 rows)
+          + f"\n\n{cfg['param_count']:,} parameters ({' '.join(d['summary'])}). "
+          "XLA's accounting of each compiled step (arguments + outputs + "
+          "temporaries - aliased, state donated) minus SAM's step, in units of "
+          "the parameters' size; the refresh step for host rows.\n")
+
+
+def refresh_memory_section(d) -> str:
+  rows = list(d["results"].items())
+  return ("#### Memory of one refresh, a dense MLP of "
+          f"{d['config']['param_bytes'] / 2 ** 20:.1f} MiB of parameters\n\n"
+          f"`{d['command']}`\n\n"
+          + _common.format_table(("refresh", "memory - no refresh, x params"),
+                                 rows) + "\n")
+
+
 def estimator_section(d) -> str:
   env = d["environment"]
   rows = [(name, r["median_ms"], r["ratio_to_gradient"],
@@ -116,7 +143,8 @@ def main() -> int:
          "fp32, synthetic data):", "",
          _common.format_table(("", "step ms", "x SAM"), REFERENCE), "",
          REFERENCE_REFRESH + ".", ""]
-  order = {"quality": 0, "step_overhead": 1, "fd_accuracy": 2, "estimators": 3}
+  order = {"quality": 0, "step_overhead": 1, "refresh_memory": 2,
+           "fd_accuracy": 3, "estimators": 4}
 
   def rank(path):
     with open(path) as f:
@@ -125,12 +153,17 @@ def main() -> int:
   for path in sorted(glob.glob(os.path.join(here, "*.json")), key=rank):
     with open(path) as f:
       d = json.load(f)
+    if d.get("benchmark") == "step_overhead" and d.get("timings") is None:
+      out.append(memory_section(d))
+      continue
     if d.get("smoke"):
       continue
     if d.get("benchmark") == "step_overhead":
       out.append(step_section(d))
     elif d.get("benchmark") == "quality":
       out.append(quality_section(d))
+    elif d.get("benchmark") == "refresh_memory":
+      out.append(refresh_memory_section(d))
     elif d.get("benchmark") == "fd_accuracy":
       out.append(fd_section(d))
     elif d.get("benchmark") == "estimators":

@@ -52,6 +52,7 @@ import argparse
 import concurrent.futures
 import os
 import re
+import shlex
 import sys
 import time
 
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
                                           args.smoke)
     _common.write_json(path, {
         "benchmark": "step_overhead", "device": args.device,
-        "smoke": args.smoke, "command": " ".join(["python"] + sys.argv),
+        "smoke": args.smoke, "command": shlex.join(["python"] + sys.argv),
         "config": {**config, "model_description": m["model_description"],
                    "data_description": m["data_description"],
                    "param_count": m["param_count"],
