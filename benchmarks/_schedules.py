@@ -18,12 +18,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import xsam_optax
 from xsam_optax.train import loop
 
 import _finite_difference
 import _problems
+import _trajectory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Schedule:
   update_every: int
   fraction: float = 1.0
   product: str = "hvp"  # "hvp" | "fd"
+  point: str = "params"  # "params" | "sam": where the Hessian is taken
 
   @property
   def name(self) -> str:
@@ -41,6 +44,8 @@ class Schedule:
       out += f", 1/{round(1 / self.fraction)} batch"
     if self.product == "fd":
       out += ", finite differences"
+    if self.point == "sam":
+      out += ", at the SAM point"
     return out
 
   @property
@@ -51,7 +56,8 @@ class Schedule:
   @property
   def program(self) -> tuple:
     """What a refresh step compiles to (the period plays no part in it)."""
-    return (self.method, self.num_iters, self.fraction, self.product)
+    return (self.method, self.num_iters, self.fraction, self.product,
+            self.point)
 
 
 REFERENCE = Schedule("power", 5, 5)  # the paper's code
@@ -79,6 +85,9 @@ def sweep() -> list[Schedule]:
             Schedule("lanczos", 4, k, 0.5)]
   out += [Schedule("power", 2, 1, 0.5), Schedule("lanczos", 4, 2, 0.5),
           REFERENCE, OLD_DEFAULTS, Schedule("power", 10, 5)]
+  # Products at the SAM point theta + rho g / ||g||, where one jax.jvp would
+  # give the SAM gradient and the product together (README, Performance).
+  out += [Schedule("power", 1, k, point="sam") for k in (1, 2)]
   return list(dict.fromkeys(out))
 
 
@@ -90,10 +99,14 @@ def curvature(model, schedule: Schedule):
   curvature_fn``: exact products on the leading sub-batch, or finite
   differences from the step's clean gradient ``grads``.
   """
-  if schedule.product == "hvp" and schedule.fraction >= 1:
+  if (schedule.product == "hvp" and schedule.fraction >= 1
+      and schedule.point == "params"):
     return "hessian"
 
   def make(batch_stats, x, y, grads):
+    if schedule.point == "sam":
+      full = loop.make_grad_fn(model, batch_stats, x, y)
+      return lambda p, v: xsam_optax.hvp(full, sam_point(p, grads), v)
     if schedule.product == "fd":
       return _finite_difference.curvature_fn(
           loop.make_grad_fn(model, batch_stats, x, y), grads)
@@ -104,12 +117,18 @@ def curvature(model, schedule: Schedule):
   return make
 
 
+def sam_point(params, grads, rho: float = _trajectory.RHO):
+  """``params + rho * grads / ||grads||``: where SAM takes its gradient."""
+  scale = rho / optax.tree.norm(grads)
+  return jax.tree.map(lambda p, g: p + scale * g, params, grads)
+
+
 def make_refresh(problem: _problems.Problem, program: tuple):
   """Jitted ``(opt_state, params, stats, x, y, grads) -> opt_state``: one refresh."""
-  method, num_iters, fraction, product = program
+  method, num_iters, fraction, product, point = program
   tx = xsam_optax.eigenvector_correction(method=method, num_iters=num_iters)
   make = curvature(problem.model, Schedule(method, num_iters, 1, fraction,
-                                           product))
+                                           product, point))
 
   def refresh(opt_state, params, stats, x, y, grads):
     extra = {} if make == "hessian" else {

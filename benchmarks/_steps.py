@@ -61,14 +61,18 @@ def optimizer(row: Row, learning_rate: float):
     s = row.schedule
     opt = loop.make_optimizer("xsam", learning_rate=learning_rate,
                               update_every=s.update_every,
-                              num_iters=s.num_iters, method=s.method)
+                              num_iters=s.num_iters, method=s.method,
+                              hessian_at={"params": "params",
+                                          "sam": "sam_point"}[s.point])
   return getattr(opt, "tx", opt)  # make_optimizer may return (tx, period)
 
 
 def lower(model, row: Row, key: tuple, state, x, y, learning_rate: float):
   """The lowered program ``key`` of ``row`` (see :meth:`Row.programs`)."""
   tx = optimizer(row, learning_rate)
-  curvature = ("hessian" if row.schedule is None
+  # At the SAM point the library takes the products itself (hessian_at), so
+  # that the SAM gradient and the product share one jvp.
+  curvature = ("hessian" if row.schedule is None or row.schedule.point == "sam"
                else _schedules.curvature(model, row.schedule))
   step = jax.jit(loop.make_train_step(model, tx, curvature=curvature),
                  static_argnames="refresh", donate_argnums=0)

@@ -32,6 +32,7 @@ Not a test: nothing here asserts a quality.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 import time
@@ -136,11 +137,17 @@ def main(argv=None) -> int:
                  help="batches of 128 in the large-batch Hessian (digits has "
                       "10)")
   p.add_argument("--cache", default=None, help="default benchmarks/.cache")
+  p.add_argument("--only", default=None,
+                 help="regex: keep only the schedules whose name matches (the "
+                      "reference always runs)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
   args.cache = args.cache or _common.cache_dir()
   _common.enable_compilation_cache(args.cache)
   schedules = _schedules.sweep()
+  if args.only:
+    schedules = [s for s in schedules if s == _schedules.REFERENCE
+                 or re.search(args.only, s.name)]
   env = _common.environment()
   print(f"# {len(schedules)} schedules, problems {args.problems}, seeds "
         f"{args.seeds}, {args.steps} steps, scored every {SCORE_STRIDE}; "
@@ -159,7 +166,8 @@ def main(argv=None) -> int:
                        "trajectory": f"SAM rho {_trajectory.RHO}, SGD momentum"
                                      f" 0.9, wd 5e-4, cosine lr from "
                                      f"{_trajectory.LEARNING_RATE} to 0",
-                       "reference": _schedules.REFERENCE.name},
+                       "reference": _schedules.REFERENCE.name,
+                       "only": args.only},
             "results": results}
 
   for name in args.problems:

@@ -61,8 +61,10 @@ def step_section(d) -> str:
 
 def quality_section(d) -> str:
   cfg = d["config"]
-  problems = list(d["results"])
-  lines = [f"#### Eigenvector quality: |cos(v_t, u_t)| at every {cfg['score_stride']}th step",
+  subset = (f", schedules matching `{cfg['only']}` and the reference"
+            if cfg.get("only") else "")
+  lines = [f"#### Eigenvector quality: |cos(v_t, u_t)| at every "
+           f"{cfg['score_stride']}th step{subset}",
            "", f"`{d['command']}`", ""]
   for name, r in d["results"].items():
     lines.append(f"- `{name}`: {r['description']}; large batch "

@@ -77,6 +77,8 @@ def rows() -> list[Row]:
       ("power 1 every 3", Schedule("power", 1, 3)),
       ("power 1 every 3, finite differences", Schedule("power", 1, 3, product="fd")),
       ("power 2 every 5", Schedule("power", 2, 5)),
+      ("power 1 every 1, at the SAM point", Schedule("power", 1, 1, point="sam")),
+      ("power 1 every 2, at the SAM point", Schedule("power", 1, 2, point="sam")),
   ]
   for name, s in schedules:
     out.append(Row(f"X-SAM {name}", "xsam", s, "host"))

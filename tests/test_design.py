@@ -18,7 +18,8 @@ LAYERS = {
     "_accumulate": 1,
     "_tracking": 2, "_ascent": 2,
     "_sam": 3, "_correction": 3, "_eigen_sam": 3,
-    "_alias": 4,
+    "_sam_point": 4,
+    "_alias": 5,
 }
 MAX_FUNCTION_LINES = 60
 

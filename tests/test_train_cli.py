@@ -308,7 +308,7 @@ def test_xsam_defaults_are_the_librarys():
   helper = inspect.signature(loop.make_optimizer).parameters
   args = cli.parse_args([])
   for name in ("rho", "alpha", "update_every", "num_iters", "method", "normalize",
-               "sign_invariant"):
+               "sign_invariant", "hessian_at"):
     assert helper[name].default == library[name].default, name
     assert getattr(args, name) == library[name].default, name
 

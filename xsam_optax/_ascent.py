@@ -45,17 +45,30 @@ def call_grad_fn(grad_fn: Callable[[PyTree], PyTree], tree: PyTree, *,
     raise
 
 
-def sam_gradient(grad_fn: Callable[[PyTree], PyTree], point: PyTree,
-                 params: PyTree, batch_axis_name: _tree.AxisName, *,
-                 owner: str) -> PyTree:
-  """The gradient at the SAM point, averaged; zeros if it is not finite.
+def sam_point(updates: PyTree, params: PyTree, rho, adaptive: bool) -> PyTree:
+  """``params + eps``: SAM's worst-case point for the gradient ``updates``.
+
+  ``eps = rho g / ||g||``; with ``adaptive`` (ASAM) the ball is scaled by
+  ``|params|``: ``eps = rho T^2 g / ||T g||``, ``T = |params|``.
+  """
+  if adaptive:
+    scaled = jax.tree.map(lambda g, w: g * jnp.abs(w), updates, params)
+    direction, _ = _tree.safe_normalize(scaled)
+    direction = jax.tree.map(lambda d, w: d * jnp.abs(w), direction, params)
+  else:
+    direction, _ = _tree.safe_normalize(updates)
+  return _tree.add_scaled(params, rho, direction)
+
+
+def finish_sam_gradient(grads: PyTree, params: PyTree,
+                        batch_axis_name: _tree.AxisName) -> PyTree:
+  """``grad_fn``'s output at the SAM point, averaged; zeros if not finite.
 
   A loss can be finite at ``params`` and not at ``params + eps``: the base
   optimizer then gets a zero gradient (as with X-SAM's normalisation), so
   no NaN reaches the parameters. ``optax.apply_if_finite`` cannot see this
   case: it checks the incoming gradient, which is finite.
   """
-  grads = call_grad_fn(grad_fn, point, owner=owner)
   _tree.check_same_structure(params, grads, what="grad_fn")
   grads = _tree.batch_mean(grads, batch_axis_name)
   finite = jnp.all(jnp.stack(
@@ -63,6 +76,14 @@ def sam_gradient(grad_fn: Callable[[PyTree], PyTree], point: PyTree,
       or [jnp.array(True)]))
   return jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)),
                       grads)
+
+
+def sam_gradient(grad_fn: Callable[[PyTree], PyTree], point: PyTree,
+                 params: PyTree, batch_axis_name: _tree.AxisName, *,
+                 owner: str) -> PyTree:
+  """The gradient at the SAM point (:func:`finish_sam_gradient`)."""
+  return finish_sam_gradient(call_grad_fn(grad_fn, point, owner=owner),
+                             params, batch_axis_name)
 
 
 def _raise_if_differ(owner: str, difference, reference, tolerance) -> None:

@@ -63,6 +63,26 @@ def correct(updates: PyTree, eigenvector: PyTree, alpha, *,
   return corrected, cos
 
 
+def corrected_and_state(updates: PyTree, state: EigenvectorCorrectionState,
+                        estimate: tuple, alpha, *, sign_invariant: bool,
+                        normalize: bool):
+  """``updates`` corrected along this step's eigenvector, and the next state.
+
+  ``estimate``: the ``(eigenvector, eigenvalue, residual)`` to use at this
+  step (refreshed or kept).
+  """
+  eigenvector, eigenvalue, residual = estimate
+  corrected, cos = correct(updates, eigenvector, alpha,
+                           sign_invariant=sign_invariant, normalize=normalize)
+  return corrected, EigenvectorCorrectionState(
+      count=optax.safe_increment(state.count),
+      eigenvector=eigenvector,
+      eigenvalue=eigenvalue,
+      residual=residual,
+      cos_angle=cos.astype(state.cos_angle.dtype),
+  )
+
+
 def eigenvector_correction(
     alpha: Union[float, jax.Array] = 0.2,
     *,
@@ -194,18 +214,11 @@ def eigenvector_correction(
     _tracking.reject_removed_extras(extra_args,
                                     owner="eigenvector_correction")
     del extra_args
-    eigenvector, eigenvalue, residual = _tracking.track(
+    estimate = _tracking.track(
         state, params, grad_fn, settings, refresh,
         owner="eigenvector_correction", curvature_fn=curvature_fn)
-    corrected, cos = correct(updates, eigenvector, alpha,
-                             sign_invariant=sign_invariant,
-                             normalize=normalize)
-    return corrected, EigenvectorCorrectionState(
-        count=optax.safe_increment(state.count),
-        eigenvector=eigenvector,
-        eigenvalue=eigenvalue,
-        residual=residual,
-        cos_angle=cos.astype(state.cos_angle.dtype),
-    )
+    return corrected_and_state(updates, state, estimate, alpha,
+                               sign_invariant=sign_invariant,
+                               normalize=normalize)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -3,7 +3,6 @@
 from typing import NamedTuple, Union
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from xsam_optax import _ascent
@@ -97,13 +96,7 @@ def sam_ascent(
     if check_incoming:
       _ascent.verify_incoming(updates, params, grad_fn, batch_axis_name,
                               owner="sam_ascent")
-    if adaptive:
-      scaled = jax.tree.map(lambda g, w: g * jnp.abs(w), updates, params)
-      direction, _ = _tree.safe_normalize(scaled)
-      direction = jax.tree.map(lambda d, w: d * jnp.abs(w), direction, params)
-    else:
-      direction, _ = _tree.safe_normalize(updates)
-    perturbed = _tree.add_scaled(params, rho, direction)
+    perturbed = _ascent.sam_point(updates, params, rho, adaptive)
     return _ascent.sam_gradient(grad_fn, perturbed, params, batch_axis_name,
                                 owner="sam_ascent"), state
 

@@ -169,7 +169,12 @@ def _checked_result(result, eigenvector: PyTree):
   return vector, result.eigenvalue, result.residual
 
 
-def _refreshed(state, product, settings: RefreshSettings):
+def refreshed(state, product, settings: RefreshSettings):
+  """The refreshed eigenvector, eigenvalue and residual (previous ones if it failed).
+
+  ``product(v)`` is the curvature product on this replica; the estimator
+  gets it averaged over ``batch_axis_name``.
+  """
   matvec = lambda v: _tree.batch_mean(product(v), settings.batch_axis_name)
   vector, value, residual = _checked_result(
       settings.estimator(matvec, state.eigenvector), state.eigenvector)
@@ -203,6 +208,27 @@ def _curvature_product(params, grad_fn, curvature_fn, owner: str):
   return functools.partial(curvature_fn, params)
 
 
+def resolve_refresh(state: NamedTuple, refresh, settings: RefreshSettings):
+  """Whether this step refreshes: a Python bool when known while tracing.
+
+  ``refresh=None`` follows the schedule (always ``True`` when
+  ``update_every == 1``); otherwise a traced boolean scalar, for
+  ``lax.cond``. A concrete array (an eager, un-jitted call) becomes a bool:
+  a ``lax.cond`` would be traced and compiled anew at every call.
+  """
+  refresh = _validation.check_refresh(refresh)
+  if refresh is None:
+    # Every step refreshes when update_every == 1: no lax.cond needed.
+    refresh = (True if settings.update_every == 1
+               else state.count % settings.update_every == 0)
+  if isinstance(refresh, jax.Array):
+    try:
+      refresh = bool(refresh)
+    except jax.errors.ConcretizationTypeError:
+      return refresh
+  return bool(refresh)
+
+
 def track(
     state: NamedTuple,
     params: PyTree,
@@ -224,29 +250,19 @@ def track(
   """
   _validation.require_grad_fn(grad_fn, params, owner=owner)
   params = _tree.as_arrays(params)
-  refresh = _validation.check_refresh(refresh)
+  _validation.check_refresh(refresh)
   _tree.check_same_structure(
       params, jax.eval_shape(grad_fn, params), what="grad_fn")
   product = _curvature_product(params, grad_fn, curvature_fn, owner)
   if not jax.tree.leaves(params):
     return _kept(state)  # Nothing to estimate.
-  if refresh is None:
-    # Every step refreshes when update_every == 1: no lax.cond needed.
-    refresh = (True if settings.update_every == 1
-               else state.count % settings.update_every == 0)
-  if isinstance(refresh, jax.Array):
-    # Called without jit the choice is known here; a lax.cond would be
-    # traced and compiled anew at every call (seconds per step).
-    try:
-      refresh = bool(refresh)
-    except jax.errors.ConcretizationTypeError:
-      pass
-  if isinstance(refresh, (bool, np.bool_)):
+  refresh = resolve_refresh(state, refresh, settings)
+  if isinstance(refresh, bool):
     if refresh:
-      return _refreshed(state, product, settings)
+      return refreshed(state, product, settings)
     return _kept(state)
   return jax.lax.cond(
       refresh,
-      lambda s: _refreshed(s, product, settings),
+      lambda s: refreshed(s, product, settings),
       _kept,
       state)

@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
   add("--curvature", choices=loop.CURVATURES, default="hessian",
       help="X-SAM refreshes: Hessian-vector products, or Gauss-Newton products of the "
            "logits (cheaper; see the README's Performance); default %(default)s")
+  add("--hessian-at", dest="hessian_at", choices=("params", "sam_point"),
+      default="params",
+      help="X-SAM refreshes: the Hessian at the parameters (the paper's) or at the "
+           "SAM point, where one jvp gives the SAM gradient too (faster; README, "
+           "Performance); default %(default)s")
   add("--no-normalize", dest="normalize", action="store_false",
       help="X-SAM: keep the SAM gradient's length instead of a unit direction")
   add("--sign-invariant", action="store_true",
@@ -154,7 +159,7 @@ def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
     config.update(alpha=args.alpha, update_every=args.update_every,
                   num_iters=args.num_iters, method=args.method, curvature=args.curvature,
                   normalize=args.normalize, sign_invariant=args.sign_invariant,
-                  seed=args.seed)
+                  hessian_at=args.hessian_at, seed=args.seed)
     if not args.normalize:
       config["gradient_given_to_base"] = "X-SAM corrected SAM gradient, SAM gradient's length kept"
   return config
@@ -173,7 +178,8 @@ def _train_all(args: argparse.Namespace, protocol: loop.Protocol, variables, eva
         weight_decay=args.weight_decay, rho=args.rho, alpha=args.alpha,
         update_every=args.update_every, num_iters=args.num_iters,
         method=args.method, normalize=args.normalize,
-        sign_invariant=args.sign_invariant, seed=args.seed)
+        sign_invariant=args.sign_invariant, hessian_at=args.hessian_at,
+        seed=args.seed)
     with tqdm(total=protocol.total_steps, desc=f"{name:>4}", unit="step",
               disable=not args.progress, leave=True, file=sys.stderr) as bar:
       _, result = loop.run_training(

@@ -294,13 +294,14 @@ def make_optimizer(
     method: str = "power",
     normalize: bool = True,
     sign_invariant: bool = False,
+    hessian_at: str = "params",
     seed: int = 0,
 ) -> Optimizer:
   """SGD (momentum, weight decay, given schedule), alone or behind SAM, X-SAM or Eigen-SAM.
 
-  ``name`` is one of ``OPTIMIZERS`` or ``EXTRA_OPTIMIZERS``. ``normalize`` and
-  ``sign_invariant`` are X-SAM's (see
-  :func:`xsam_optax.eigenvector_correction`); ``"eigensam"`` chains
+  ``name`` is one of ``OPTIMIZERS`` or ``EXTRA_OPTIMIZERS``. ``normalize``,
+  ``sign_invariant`` and ``hessian_at`` are X-SAM's (see
+  :func:`xsam_optax.xsam`); ``"eigensam"`` chains
   :func:`xsam_optax.eigen_sam_ascent` (``rho``, ``alpha``, ``update_every``,
   ``num_iters``, ``method``, ``seed``) in front of the base optimizer. The
   returned :class:`Optimizer` carries ``update_every`` as its
@@ -327,7 +328,7 @@ def make_optimizer(
   if name == "xsam":
     return Optimizer(xsam_optax.xsam(
         base, rho=rho, alpha=alpha, sign_invariant=sign_invariant,
-        normalize=normalize, **tracking), period)
+        normalize=normalize, hessian_at=hessian_at, **tracking), period)
   if name == "eigensam":
     return Optimizer(
         optax.chain(xsam_optax.eigen_sam_ascent(rho, alpha, **tracking), base),
