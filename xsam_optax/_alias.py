@@ -74,7 +74,7 @@ def xsam(
   ``theta + eps`` instead of at ``theta`` (the paper's): one ``jax.jvp``
   there gives the SAM gradient and a product together, one gradient's worth
   of work less per refreshing step (README, Performance: tracking as good,
-  the step ~11% faster on the benchmark CNN). The state
+  the step 2-6% faster on the 2-core CPU benchmark). The state
   is the chain's either way.
   Diagnostics are read from the state by name:
   ``optax.tree.get(state, "eigenvalue")``, ``"cos_angle"``, ``"eigenvector"``.
