@@ -297,7 +297,6 @@ class Group:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-    import xsam_optax  # pylint: disable=g-import-not-at-top
     from xsam_optax.train import loop  # pylint: disable=g-import-not-at-top
     from xsam_optax.train import models  # pylint: disable=g-import-not-at-top
 

@@ -2,7 +2,6 @@
 
 import doctest
 import importlib.util
-import json
 import math
 import os
 import sys

@@ -15,7 +15,6 @@ import optax
 import pytest
 
 import xsam_optax
-from _oracles import flat
 from xsam_optax.train import cli
 from xsam_optax.train import data as data_lib
 from xsam_optax.train import loop
