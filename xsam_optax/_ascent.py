@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xsam_optax import _tree
+from xsam_optax import _validation
 
 PyTree = _tree.PyTree
 
@@ -43,6 +44,22 @@ def call_grad_fn(grad_fn: Callable[[PyTree], PyTree], tree: PyTree, *,
           "optax.masked, optax.multi_transform) it cannot work; see the "
           "README, 'Composing with optax and Flax'.)")
     raise
+
+
+def checked_call(updates: PyTree, params: PyTree, grad_fn, check_incoming,
+                 batch_axis_name: _tree.AxisName, *, owner: str) -> PyTree:
+  """What every ascent's ``update`` checks first; returns ``params`` as arrays.
+
+  ``grad_fn`` is required, ``check_incoming`` must be a Python bool and, when
+  true, the incoming ``updates`` must be ``grad_fn(params)``
+  (:func:`verify_incoming`).
+  """
+  _validation.require_grad_fn(grad_fn, params, owner=owner)
+  params = _tree.as_arrays(params)
+  _validation.check_bool("check_incoming", check_incoming)
+  if check_incoming:
+    verify_incoming(updates, params, grad_fn, batch_axis_name, owner=owner)
+  return params
 
 
 def sam_point(updates: PyTree, params: PyTree, rho, adaptive: bool) -> PyTree:

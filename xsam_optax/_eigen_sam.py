@@ -104,12 +104,8 @@ def eigen_sam_ascent(
                 curvature_fn=None, check_incoming=False, **extra_args):
     _tracking.reject_removed_extras(extra_args, owner="eigen_sam_ascent")
     del extra_args
-    _validation.require_grad_fn(grad_fn, params, owner="eigen_sam_ascent")
-    params = _tree.as_arrays(params)
-    _validation.check_bool("check_incoming", check_incoming)
-    if check_incoming:
-      _ascent.verify_incoming(updates, params, grad_fn, batch_axis_name,
-                              owner="eigen_sam_ascent")
+    params = _ascent.checked_call(updates, params, grad_fn, check_incoming,
+                                  batch_axis_name, owner="eigen_sam_ascent")
     eigenvector, eigenvalue, residual = _tracking.track(
         state, params, grad_fn, settings, refresh, owner="eigen_sam_ascent",
         curvature_fn=curvature_fn)

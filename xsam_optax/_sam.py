@@ -90,12 +90,8 @@ def sam_ascent(
   def update_fn(updates, state, params=None, *, grad_fn=None,
                 check_incoming=False, **extra_args):
     del extra_args
-    _validation.require_grad_fn(grad_fn, params, owner="sam_ascent")
-    params = _tree.as_arrays(params)
-    _validation.check_bool("check_incoming", check_incoming)
-    if check_incoming:
-      _ascent.verify_incoming(updates, params, grad_fn, batch_axis_name,
-                              owner="sam_ascent")
+    params = _ascent.checked_call(updates, params, grad_fn, check_incoming,
+                                  batch_axis_name, owner="sam_ascent")
     perturbed = _ascent.sam_point(updates, params, rho, adaptive)
     return _ascent.sam_gradient(grad_fn, perturbed, params, batch_axis_name,
                                 owner="sam_ascent"), state

@@ -13,7 +13,6 @@ from xsam_optax import _estimators
 from xsam_optax import _sam
 from xsam_optax import _tracking
 from xsam_optax import _tree
-from xsam_optax import _validation
 
 PyTree = Any
 OWNER = "xsam(hessian_at='sam_point')"
@@ -104,13 +103,9 @@ def xsam_at_sam_point(
   def update_fn(updates, state, params=None, **extra_args):
     grad_fn = extra_args.get("grad_fn")
     _tracking.reject_removed_extras(extra_args, owner=OWNER)
-    _validation.require_grad_fn(grad_fn, params, owner=OWNER)
-    params = _tree.as_arrays(params)
-    check_incoming = extra_args.get("check_incoming", False)
-    _validation.check_bool("check_incoming", check_incoming)
-    if check_incoming:
-      _ascent.verify_incoming(updates, params, grad_fn, batch_axis_name,
-                              owner=OWNER)
+    params = _ascent.checked_call(updates, params, grad_fn,
+                                  extra_args.get("check_incoming", False),
+                                  batch_axis_name, owner=OWNER)
     sam_state, correction_state, base_state = state
     point = _ascent.sam_point(updates, params, rho, adaptive)
     estimate, sam_grads = _estimate_and_sam_gradient(
