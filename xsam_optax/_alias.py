@@ -73,8 +73,8 @@ def xsam(
   ``hessian_at="sam_point"`` takes the refreshes' Hessian at the SAM point
   ``theta + eps`` instead of at ``theta`` (the paper's): one ``jax.jvp``
   there gives the SAM gradient and a product together, one gradient's worth
-  of work less per refreshing step (README, Performance: tracking as good,
-  the step 2-6% faster on the 2-core CPU benchmark). The state
+  of work less per refreshing step (README, Performance, measures its
+  tracking and its cost). The state
   is the chain's either way.
   Diagnostics are read from the state by name:
   ``optax.tree.get(state, "eigenvalue")``, ``"cos_angle"``, ``"eigenvector"``.
