@@ -88,7 +88,7 @@ def initial_grid(spec: dict[str, Any], setting: str) -> tuple[float, ...]:
     return GRIDS["normalised_bn"]
   return GRIDS[spec["grid"]]
 
-_XSAM = {"name": "xsam", "alpha": 0.2, "normalize": True, "sign_invariant": False}
+_XSAM = {"name": "xsam", "alpha": 0.2, "normalize": True, "rule": "reference"}
 LANCZOS = {"method": "lanczos", "num_iters": 4}  # the library default when the study ran (every 5 steps)
 POWER = {"method": "power", "num_iters": 5}  # the reference's schedule
 # Methods: make_optimizer name and keywords, the grid, and the estimator.
@@ -102,11 +102,11 @@ METHODS: dict[str, dict[str, Any]] = {
     # The correction alone: SAM's gradient length kept. Its alpha 0 control is
     # SAM itself (unit * ||g|| = g), so SAM is that control.
     "xsam_nn": {**_XSAM, "normalize": False, "grid": "plain", **LANCZOS},
-    "xsam_si": {**_XSAM, "sign_invariant": True, "grid": "normalised", **LANCZOS},
+    "xsam_si": {**_XSAM, "rule": "sign_invariant", "grid": "normalised", **LANCZOS},
     "eigensam": {"name": "eigensam", "alpha": 0.2, "grid": "plain", **LANCZOS},
     "xsam_pow": {**_XSAM, "grid": "normalised", **POWER},
     "xsam_nn_pow": {**_XSAM, "normalize": False, "grid": "plain", **POWER},
-    "xsam_si_pow": {**_XSAM, "sign_invariant": True, "grid": "normalised", **POWER},
+    "xsam_si_pow": {**_XSAM, "rule": "sign_invariant", "grid": "normalised", **POWER},
     "eigensam_pow": {"name": "eigensam", "alpha": 0.2, "grid": "plain", **POWER},
 }
 DEFAULT_METHODS = tuple(METHODS)
@@ -230,11 +230,11 @@ def make_method(spec: dict[str, Any], *, total_steps: int, seed: int):
   """The method's optimizer with a cosine schedule of peak 1, times the runtime peak rate."""
   import optax  # pylint: disable=g-import-not-at-top
 
-  from xsam_optax.train import loop  # pylint: disable=g-import-not-at-top
+  from xsam_optax.train import optimizers  # pylint: disable=g-import-not-at-top
 
-  kwargs = {k: spec[k] for k in ("alpha", "normalize", "sign_invariant", "method", "num_iters")
+  kwargs = {k: spec[k] for k in ("alpha", "normalize", "rule", "method", "num_iters")
             if k in spec}
-  inner = loop.make_optimizer(
+  inner = optimizers.make_optimizer(
       spec["name"], learning_rate=optax.cosine_decay_schedule(1.0, decay_steps=total_steps),
       momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, rho=RHO, update_every=UPDATE_EVERY,
       seed=seed, **kwargs).tx

@@ -18,13 +18,13 @@ def flat(tree) -> np.ndarray:
                          for x in jax.tree.leaves(tree)])
 
 
-def oracle_correct(g, v, alpha, *, sign_invariant=False, normalize=True):
+def oracle_correct(g, v, alpha, *, rule="reference", normalize=True):
   """X-SAM's rule restated on flat NumPy vectors (a zero g gives zeros)."""
   g, v = flat(g), flat(v)
   norm = np.linalg.norm(g)
   g_hat = g / norm if norm > 0 else np.zeros_like(g)
   c = g_hat @ v
-  corrected = g_hat - alpha * (c if sign_invariant else abs(c)) * v
+  corrected = g_hat - alpha * (c if rule == "sign_invariant" else abs(c)) * v
   return corrected if normalize else norm * corrected
 
 

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from xsam_optax.train import loop
+from xsam_optax.train import optimizers
 from xsam_optax.train.models import CNN
 
 NUM_CLASSES = 3
@@ -74,7 +75,7 @@ def init(tx, params, batch_stats):
 def test_running_stats_updated_once_from_clean_pass(setup, refresh):
   params, batch_stats, x, y = setup
   rho = 0.5
-  tx = loop.make_optimizer("xsam", learning_rate=0.1, rho=rho, alpha=0.5,
+  tx = optimizers.make_optimizer("xsam", learning_rate=0.1, rho=rho, alpha=0.5,
                            update_every=1, num_iters=2).tx
   state = init(tx, params, batch_stats)
   step = jax.jit(loop.make_train_step(MODEL, tx), static_argnames="refresh")
@@ -107,7 +108,7 @@ def test_grad_fn_uses_batch_statistics_not_running_ones(setup):
 def test_sam_ascent_gradient_is_training_mode_on_same_batch(setup):
   params, batch_stats, x, y = setup
   lr, rho = 0.1, 0.2
-  tx = loop.make_optimizer("sam", learning_rate=lr, rho=rho, momentum=0.0, weight_decay=0.0).tx
+  tx = optimizers.make_optimizer("sam", learning_rate=lr, rho=rho, momentum=0.0, weight_decay=0.0).tx
   new_state, _ = jax.jit(loop.make_train_step(MODEL, tx))(init(tx, params, batch_stats), x, y)
 
   g = oracle_grad(params, batch_stats, x, y)
@@ -143,7 +144,7 @@ def test_top_eigenvalue_is_of_training_mode_hessian(setup):
 def test_xsam_refresh_hvps_are_of_training_mode_hessian(setup):
   params, batch_stats, x, y = setup
   num_iters = 3
-  tx = loop.make_optimizer("xsam", learning_rate=0.1, method="power", num_iters=num_iters).tx
+  tx = optimizers.make_optimizer("xsam", learning_rate=0.1, method="power", num_iters=num_iters).tx
   state = init(tx, params, batch_stats)
   step = jax.jit(loop.make_train_step(MODEL, tx), static_argnames="refresh")
   new_state, _ = step(state, x, y, refresh=True)
@@ -186,7 +187,7 @@ def test_gauss_newton_refresh_is_of_training_mode_logits(setup):
   the Gauss-Newton matrix of the training-mode logits (batch statistics)."""
   params, batch_stats, x, y = setup
   num_iters = 3
-  tx = loop.make_optimizer("xsam", learning_rate=0.1, method="power",
+  tx = optimizers.make_optimizer("xsam", learning_rate=0.1, method="power",
                            num_iters=num_iters).tx
   state = init(tx, params, batch_stats)
   step = jax.jit(loop.make_train_step(MODEL, tx, curvature="gauss-newton"),
@@ -216,7 +217,7 @@ def test_nnx_example_updates_running_stats_once_from_clean_pass(setup):
   example = load_nnx_example()
   _, _, x, y = setup
   model = example.CNN((5,), 1, NUM_CLASSES, rngs=nnx.Rngs(0), features=(2,))
-  tx = loop.make_optimizer("xsam", learning_rate=0.1, rho=0.5, update_every=1, num_iters=2).tx
+  tx = optimizers.make_optimizer("xsam", learning_rate=0.1, rho=0.5, update_every=1, num_iters=2).tx
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   oracle = nnx.clone(model)

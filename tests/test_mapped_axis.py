@@ -27,10 +27,7 @@ def split(batch):
                                              num_iters=3, **kw),
     lambda **kw: xsam_optax.xsam(optax.sgd(0.1), update_every=2, num_iters=3,
                                  **kw),
-    # Every step, so the SAM gradient comes out of the products' jvp (fused).
-    lambda **kw: xsam_optax.xsam(optax.sgd(0.1), num_iters=3,
-                                 hessian_at="sam_point", **kw),
-], ids=["eigen_sam_ascent", "xsam", "xsam_at_sam_point"])
+], ids=["eigen_sam_ascent", "xsam"])
 def test_mapped_replicas_equal_one_transform_on_the_whole_batch(x64, make):
   params, loss, batch = mlp_problem(n=32)
   whole = make()

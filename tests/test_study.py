@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from xsam_optax.train import loop
+from xsam_optax.train import optimizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,9 +37,9 @@ def test_runtime_peak_rate_matches_the_scheduled_optimizer(method):
   loss = lambda p: jnp.sum(curvature * (p["w"] - target) ** 2) + jnp.sum(p["w"] ** 4) / 4
   grad_fn = jax.grad(loss)
   spec = study.METHODS[method]
-  kwargs = {k: spec[k] for k in ("alpha", "normalize", "sign_invariant", "method", "num_iters")
+  kwargs = {k: spec[k] for k in ("alpha", "normalize", "rule", "method", "num_iters")
             if k in spec}
-  oracle = loop.make_optimizer(
+  oracle = optimizers.make_optimizer(
       spec["name"], learning_rate=optax.cosine_decay_schedule(peak, decay_steps=total),
       momentum=study.MOMENTUM, weight_decay=study.WEIGHT_DECAY, rho=study.RHO,
       update_every=study.UPDATE_EVERY, seed=3, **kwargs).tx
@@ -68,9 +68,9 @@ def test_unnormalised_alpha0_control_is_sam():
   grad_fn = jax.grad(loss)
   params = {"w": jnp.array([0.3, -0.2, 0.1])}
   spec = dict(study.METHODS["xsam_nn"], alpha=0.0)
-  kwargs = {k: spec[k] for k in ("alpha", "normalize", "sign_invariant", "method", "num_iters")}
-  control = loop.make_optimizer("xsam", learning_rate=0.1, **kwargs).tx
-  sam = loop.make_optimizer("sam", learning_rate=0.1).tx
+  kwargs = {k: spec[k] for k in ("alpha", "normalize", "rule", "method", "num_iters")}
+  control = optimizers.make_optimizer("xsam", learning_rate=0.1, **kwargs).tx
+  sam = optimizers.make_optimizer("sam", learning_rate=0.1).tx
 
   def trajectory(opt, p):
     state = opt.init(p)

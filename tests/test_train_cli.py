@@ -18,6 +18,7 @@ import xsam_optax
 from xsam_optax.train import cli
 from xsam_optax.train import data as data_lib
 from xsam_optax.train import loop
+from xsam_optax.train import optimizers
 from xsam_optax.train import models
 
 # Few steps, few products: the point is the plumbing, not the numbers.
@@ -112,7 +113,7 @@ def test_same_initialisation_for_every_optimizer():
   model = models.make_model("mlp", num_classes=3)
   x = jnp.ones((2, 5))
   init = lambda name, seed: loop.init_state(
-      model, loop.make_optimizer(name, learning_rate=0.1).tx, x, seed=seed).params
+      model, optimizers.make_optimizer(name, learning_rate=0.1).tx, x, seed=seed).params
   sgd, xsam = init("sgd", 3), init("xsam", 3)
   jax.tree.map(np.testing.assert_array_equal, sgd, xsam)
   assert float(jnp.abs(sgd["Dense_0"]["kernel"]).sum()) > 0
@@ -122,7 +123,7 @@ def test_train_step_compiles_once_per_variant():
   x = jnp.ones((8, 4, 4, 1))
   y = jnp.arange(8) % 3
   model = models.make_model("mlp", num_classes=3)
-  tx = loop.make_optimizer("xsam", learning_rate=0.1, update_every=2, num_iters=1,
+  tx = optimizers.make_optimizer("xsam", learning_rate=0.1, update_every=2, num_iters=1,
                            method="power").tx
   state = loop.init_state(model, tx, x, seed=0)
   step = jax.jit(loop.make_train_step(model, tx), static_argnames="refresh")
@@ -155,8 +156,8 @@ def test_run_training_picks_refreshes_on_the_optimizers_schedule(monkeypatch,
   transform's own schedule (count % k == 0); one program without a period."""
   calls = []
 
-  def fake_compile_steps(model, optimizer, state, x, y, *, curvature):
-    del model, x, y, curvature
+  def fake_compile_steps(model, optimizer, state, x, y):
+    del model, x, y
     assert optimizer.refresh_every == refresh_every
 
     def step_for(refresh):
@@ -172,7 +173,7 @@ def test_run_training_picks_refreshes_on_the_optimizers_schedule(monkeypatch,
   monkeypatch.setattr(loop, "compile_steps", fake_compile_steps)
   dataset, model = _tiny_dataset(), models.make_model("mlp", num_classes=3)
   tx = optax.with_extra_args_support(optax.sgd(0.1))  # never run: cheap to init
-  loop.run_training(model, loop.Optimizer(tx, refresh_every), dataset,
+  loop.run_training(model, optimizers.Optimizer(tx, refresh_every), dataset,
                     **dict(_training_kwargs(model, dataset),
                            top_eigenvalue_fn=lambda *a: 0.0,
                            eval_fn=lambda *a: (0.0, 0.0)))
@@ -186,7 +187,7 @@ def test_run_training_with_host_refreshes_equals_the_in_graph_schedule():
   """End to end: the two compiled steps picked on the host give the run of the
   transform following its own schedule under lax.cond."""
   dataset, model = _tiny_dataset(), models.make_model("mlp", num_classes=3)
-  optimizer = loop.make_optimizer("xsam", learning_rate=0.1, update_every=3,
+  optimizer = optimizers.make_optimizer("xsam", learning_rate=0.1, update_every=3,
                                   num_iters=1, method="power")
   kwargs = _training_kwargs(model, dataset)
   host = loop.run_training(model, optimizer, dataset, **kwargs)[0]
@@ -200,7 +201,7 @@ def test_run_training_with_host_refreshes_equals_the_in_graph_schedule():
 # Every setting make_optimizer takes, a non-default value for each.
 SETTINGS = {"momentum": 0.5, "weight_decay": 0.05, "rho": 0.3, "alpha": 0.9,
             "update_every": 2, "num_iters": 3, "method": "lanczos", "normalize": False,
-            "sign_invariant": True, "seed": 7}
+            "rule": "sign_invariant", "seed": 7}
 USED_BY = {"sgd": ("momentum", "weight_decay"),
            "sam": ("momentum", "weight_decay", "rho"),
            "xsam": tuple(SETTINGS),
@@ -210,7 +211,7 @@ USED_BY = {"sgd": ("momentum", "weight_decay"),
 
 def _explicit(name, *, learning_rate, momentum=0.9, weight_decay=5e-4, rho=0.05,
               alpha=0.2, update_every=1, num_iters=1, method="power",
-              normalize=True, sign_invariant=False, seed=0):
+              normalize=True, rule="reference", seed=0):
   """What make_optimizer documents, built from the library directly."""
   base = optax.chain(optax.add_decayed_weights(weight_decay),
                      optax.sgd(learning_rate, momentum=momentum))
@@ -220,7 +221,7 @@ def _explicit(name, *, learning_rate, momentum=0.9, weight_decay=5e-4, rho=0.05,
           "sam": lambda: optax.chain(xsam_optax.sam_ascent(rho), base),
           "xsam": lambda: optax.chain(
               xsam_optax.sam_ascent(rho),
-              xsam_optax.eigenvector_correction(alpha, sign_invariant=sign_invariant,
+              xsam_optax.eigenvector_correction(alpha, rule=rule,
                                                 normalize=normalize, **tracking), base),
           "eigensam": lambda: optax.chain(
               xsam_optax.eigen_sam_ascent(rho, alpha, **tracking), base)}[name]()
@@ -241,13 +242,13 @@ def test_make_optimizer_forwards_every_setting(name):
   """Each setting reaches the transform (the same program as the library built
   with it) and matters (another program than the default's); the refresh
   period the loop reads is the transform's ``update_every``."""
-  default = _program(loop.make_optimizer(name, learning_rate=0.1).tx)
+  default = _program(optimizers.make_optimizer(name, learning_rate=0.1).tx)
   assert default == _program(_explicit(name, learning_rate=0.1))
   for setting in USED_BY[name]:
     kw = {setting: SETTINGS[setting]}
     if setting == "method":  # Lanczos needs at least 2 products.
       kw["num_iters"] = SETTINGS["num_iters"]
-    optimizer = loop.make_optimizer(name, learning_rate=0.1, **kw)
+    optimizer = optimizers.make_optimizer(name, learning_rate=0.1, **kw)
     got = _program(optimizer.tx)
     assert got == _program(_explicit(name, learning_rate=0.1, **kw)), setting
     assert got != default, setting
@@ -265,7 +266,7 @@ def test_gauss_newton_curvature_reaches_the_refresh():
   x = jax.random.normal(jax.random.key(0), (16, 4, 4, 1))
   y = jnp.arange(16) % 3
   model = models.make_model("mlp", num_classes=3)
-  tx = loop.make_optimizer("xsam", learning_rate=0.1, num_iters=6).tx
+  tx = optimizers.make_optimizer("xsam", learning_rate=0.1, num_iters=6).tx
   state = loop.init_state(model, tx, x, seed=0)
   eigenvector = lambda s: optax.tree.get(s.opt_state, "eigenvector")
   gn_state, _ = jax.jit(loop.make_train_step(model, tx, curvature="gauss-newton"),
@@ -287,9 +288,9 @@ def test_gauss_newton_curvature_reaches_the_refresh():
 
 
 def test_config_states_what_xsam_hands_the_base_optimizer():
-  args = cli.parse_args(["--no-normalize", "--sign-invariant", "--alpha", "0.5"])
+  args = cli.parse_args(["--no-normalize", "--rule", "sign_invariant", "--alpha", "0.5"])
   config = cli._run_config(args, "xsam")  # pylint: disable=protected-access
-  assert config["normalize"] is False and config["sign_invariant"] is True
+  assert config["normalize"] is False and config["rule"] == "sign_invariant"
   assert config["alpha"] == 0.5 and "length kept" in config["gradient_given_to_base"]
   default = cli._run_config(cli.parse_args([]), "xsam")  # pylint: disable=protected-access
   assert default["normalize"] is True and "unit norm" in default["gradient_given_to_base"]
@@ -304,10 +305,10 @@ def test_xsam_defaults_are_the_librarys():
   import inspect
   import xsam_optax
   library = inspect.signature(xsam_optax.xsam).parameters
-  helper = inspect.signature(loop.make_optimizer).parameters
+  helper = inspect.signature(optimizers.make_optimizer).parameters
   args = cli.parse_args([])
   for name in ("rho", "alpha", "update_every", "num_iters", "method", "normalize",
-               "sign_invariant", "hessian_at"):
+               "rule"):
     assert helper[name].default == library[name].default, name
     assert getattr(args, name) == library[name].default, name
 
@@ -323,7 +324,9 @@ def test_xsam_defaults_are_the_librarys():
     (["--update-every", "0"], "--update-every"),
     (["--curvature", "fisher"], "--curvature"),
     (["--method", "lanczos", "--num-iters", "1"],
-     "--num-iters must be >= 2 with --method lanczos"),
+     "X-SAM settings: num_iters must be >= 2 with method='lanczos'"),
+    (["--rule", "sign-invariant"], "--rule"),
+    (["--out", "/proc/no/such/folder"], "--out '/proc/no/such/folder' cannot be created"),
     (["--train-size", "10", "--batch-size", "64"], "--train-size"),
 ])
 def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys):
@@ -333,6 +336,13 @@ def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys):
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("xsam-train: error:"), err
   assert message in err
+
+
+def test_cli_choices_are_the_names_the_library_accepts():
+  """--method and --rule list exactly the library's named estimators and rules."""
+  from xsam_optax import _correction, _tracking  # the names' one home
+  assert cli.METHODS == tuple(_tracking.METHODS)
+  assert cli.RULES == tuple(_correction.RULES)
 
 
 def test_bad_flag_from_the_shell():

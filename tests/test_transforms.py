@@ -51,18 +51,17 @@ def test_correction_equals_the_formula_with_the_stored_eigenvector(x64):
   params, loss, batch = mlp_problem()
   grad_fn = jax.grad(lambda p: loss(p, batch))
   alpha = 0.3
-  for sign_invariant in (False, True):
+  for rule in ("reference", "sign_invariant"):
     for normalize in (True, False):
       tx = xsam_optax.eigenvector_correction(
-          alpha, num_iters=3, sign_invariant=sign_invariant,
-          normalize=normalize)
+          alpha, num_iters=3, rule=rule, normalize=normalize)
       g = grad_fn(params)
       updates, state = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
       v = flat(optax.tree.get(state, "eigenvector"))
       g = flat(g)
       g_hat = g / np.linalg.norm(g)
       c = g_hat @ v
-      factor = c if sign_invariant else np.sign(g @ v) * c
+      factor = c if rule == "sign_invariant" else np.sign(g @ v) * c
       expected = g_hat - alpha * factor * v
       if not normalize:
         expected *= np.linalg.norm(g)
@@ -71,15 +70,37 @@ def test_correction_equals_the_formula_with_the_stored_eigenvector(x64):
                                  rtol=1e-12)
 
 
+def test_a_callable_rule_sets_the_coefficient_of_the_eigenvector(x64):
+  """rule=(cos, alpha) -> coefficient: g_hat - coefficient * v, both paths."""
+  params, loss, batch = mlp_problem()
+  grad_fn = jax.grad(lambda p: loss(p, batch))
+  g = grad_fn(params)
+  rule = lambda cos, alpha: alpha * cos ** 3 + 0.25  # nothing the named rules give
+  for normalize in (True, False):
+    tx = xsam_optax.eigenvector_correction(0.7, rule=rule, num_iters=2,
+                                           normalize=normalize)
+    updates, state = jax.jit(
+        lambda g, s: tx.update(g, s, params, grad_fn=grad_fn))(g, tx.init(params))
+    v, gf = flat(state.eigenvector), flat(g)
+    c = gf @ v / np.linalg.norm(gf)
+    expected = gf / np.linalg.norm(gf) - (0.7 * c ** 3 + 0.25) * v
+    if not normalize:
+      expected *= np.linalg.norm(gf)
+    np.testing.assert_allclose(flat(updates), expected, rtol=1e-12)
+  with pytest.raises(ValueError, match="rule must return a scalar"):
+    bad = xsam_optax.eigenvector_correction(rule=lambda cos, alpha: jnp.ones(2))
+    bad.update(g, bad.init(params), params, grad_fn=grad_fn)
+
+
 def state_with_eigenvector(tx, params, eigenvector):
   return tx.init(params)._replace(eigenvector=eigenvector)
 
 
-@pytest.mark.parametrize("sign_invariant", [False, True])
-def test_sign_invariance_of_the_update(x64, sign_invariant):
+@pytest.mark.parametrize("rule", ["reference", "sign_invariant"])
+def test_sign_invariance_of_the_update(x64, rule):
   params, loss, batch = mlp_problem()
   grad_fn = jax.grad(lambda p: loss(p, batch))
-  tx = xsam_optax.eigenvector_correction(0.5, sign_invariant=sign_invariant)
+  tx = xsam_optax.eigenvector_correction(0.5, rule=rule)
   v = tx.init(params).eigenvector
   minus_v = jax.tree.map(jnp.negative, v)
   g = grad_fn(params)
@@ -87,7 +108,7 @@ def test_sign_invariance_of_the_update(x64, sign_invariant):
                       grad_fn=grad_fn, refresh=False)
   minus, _ = tx.update(g, state_with_eigenvector(tx, params, minus_v), params,
                        grad_fn=grad_fn, refresh=False)
-  if sign_invariant:
+  if rule == "sign_invariant":
     np.testing.assert_allclose(flat(plus), flat(minus), rtol=1e-13)
   else:
     assert np.max(np.abs(flat(plus) - flat(minus))) > 1e-3
@@ -167,7 +188,7 @@ def test_quadratic_sign_invariant_rule_damps_the_sharp_component(x64, sign):
   rho, lr, alpha = 0.05, 0.3, 0.5
   sharp = jnp.array([sign, 0.0])  # the top eigenvector, either sign
   tx = xsam_optax.xsam(optax.sgd(lr), rho=rho, alpha=alpha,
-                       sign_invariant=True, num_iters=10)
+                       rule="sign_invariant", num_iters=10)
   state = tx.init({"w": jnp.zeros(2)})
   step = jax.jit(lambda p, s: tx.update(grad_fn(p), s, p, grad_fn=grad_fn))
   sam_direction_at = jax.jit(

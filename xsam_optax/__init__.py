@@ -5,7 +5,9 @@ Eigen-SAM's :func:`eigen_sam_ascent`), the estimators they accept as
 ``method`` (:func:`power_iteration`, :func:`lanczos`, or any callable
 ``(matvec, v0) -> EigenResult``), the curvature products a refresh
 multiplies by (:func:`hvp`; :func:`hessian_fn` and :func:`gauss_newton_fn`
-for ``curvature_fn``; :func:`finite_difference_fn`, one gradient per product), a micro-batch gradient (:func:`accumulated_grad_fn`),
+for ``curvature_fn``; :func:`finite_difference_fn`, one gradient per
+product), a micro-batch gradient (:func:`accumulated_grad_fn`), the state
+both eigen-tracking transforms keep (:class:`EigenvectorState`),
 the host's copy of the refresh schedule (:func:`refresh_due`) and two
 conveniences built only by chaining (:func:`sam`, :func:`xsam`).
 """
@@ -13,9 +15,7 @@ conveniences built only by chaining (:func:`sam`, :func:`xsam`).
 from xsam_optax._accumulate import accumulated_grad_fn
 from xsam_optax._alias import sam
 from xsam_optax._alias import xsam
-from xsam_optax._correction import EigenvectorCorrectionState
 from xsam_optax._correction import eigenvector_correction
-from xsam_optax._eigen_sam import EigenSamState
 from xsam_optax._eigen_sam import eigen_sam_ascent
 from xsam_optax._estimators import EigenResult
 from xsam_optax._estimators import lanczos
@@ -24,17 +24,15 @@ from xsam_optax._finite_difference import finite_difference_fn
 from xsam_optax._gauss_newton import gauss_newton_fn
 from xsam_optax._hvp import hessian_fn
 from xsam_optax._hvp import hvp
-from xsam_optax._sam import SamAscentState
 from xsam_optax._sam import sam_ascent
+from xsam_optax._tracking import EigenvectorState
 from xsam_optax._tracking import refresh_due
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "EigenResult",
-    "EigenSamState",
-    "EigenvectorCorrectionState",
-    "SamAscentState",
+    "EigenvectorState",
     "accumulated_grad_fn",
     "eigen_sam_ascent",
     "eigenvector_correction",

@@ -1,21 +1,19 @@
 """Large batches: a ``grad_fn`` that accumulates over micro-batches."""
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from xsam_optax import _tree
 from xsam_optax import _validation
-
-PyTree = Any
 
 
 def accumulated_grad_fn(
-    loss_fn: Callable[[PyTree, PyTree], jax.Array],
-    batch: PyTree,
+    loss_fn: Callable[[_tree.PyTree, _tree.PyTree], jax.Array],
+    batch: _tree.PyTree,
     num_microbatches: int,
-) -> Callable[[PyTree], PyTree]:
+) -> Callable[[_tree.PyTree], _tree.PyTree]:
   r"""A ``grad_fn`` for a large batch, evaluated one micro-batch at a time.
 
   Splits every leaf of ``batch`` along its leading axis into

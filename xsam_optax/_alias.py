@@ -1,5 +1,4 @@
-"""Whole optimizers built by chaining the composable pieces (X-SAM with the
-Hessian at the SAM point: one fused transform with the chain's state)."""
+"""Whole optimizers built only by chaining the composable pieces."""
 
 from typing import Union
 
@@ -8,13 +7,10 @@ import optax
 
 from xsam_optax import _correction
 from xsam_optax import _sam
-from xsam_optax import _sam_point
 from xsam_optax import _tracking
 from xsam_optax import _tree
 from xsam_optax import _validation
 
-
-HESSIAN_POINTS = ("params", "sam_point")
 
 
 def sam(
@@ -59,23 +55,16 @@ def xsam(
     update_every: int = 1,
     num_iters: int = 1,
     method: _tracking.Method = "power",
-    sign_invariant: bool = False,
+    rule: Union[str, _correction.Rule] = "reference",
     normalize: bool = True,
     adaptive: bool = False,
     seed: int = 0,
     batch_axis_name: _tree.AxisName = None,
-    hessian_at: str = "params",
 ) -> optax.GradientTransformationExtraArgs:
   """X-SAM: SAM ascent, eigenvector correction, then ``optimizer``.
 
   Exactly ``optax.chain(sam_ascent(rho, ...), eigenvector_correction(alpha,
   ...), optimizer)``; see those two for the maths and the options.
-  ``hessian_at="sam_point"`` takes the refreshes' Hessian at the SAM point
-  ``theta + eps`` instead of at ``theta`` (the paper's): one ``jax.jvp``
-  there gives the SAM gradient and a product together, one gradient's worth
-  of work less per refreshing step (README, Performance, measures its
-  tracking and its cost). The state
-  is the chain's either way.
   Diagnostics are read from the state by name:
   ``optax.tree.get(state, "eigenvalue")``, ``"cos_angle"``, ``"eigenvector"``.
   The defaults take one power step on every step, which needs no
@@ -106,15 +95,14 @@ def xsam(
     method: ``"power"`` (default; the reference's, which uses
       ``num_iters=5, update_every=5``), ``"lanczos"`` or a callable
       ``(matvec, v0) -> EigenResult``.
-    sign_invariant: sign-invariant correction rule.
+    rule: the correction rule: ``"reference"`` (the paper's),
+      ``"sign_invariant"`` or a callable ``(cos, alpha) -> coefficient``
+      (see :func:`eigenvector_correction`).
     normalize: drop the gradient magnitude before the base optimizer.
     adaptive: ASAM neighbourhood.
     seed: seed of the initial eigenvector.
     batch_axis_name: mapped axis over which gradients and Hessian-vector
       products from ``grad_fn`` are averaged.
-    hessian_at: ``"params"`` (default, the paper's) or ``"sam_point"``:
-      where a refresh's curvature products are taken (a ``curvature_fn``
-      is called with that point as its parameters).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` needing ``grad_fn``.
@@ -132,15 +120,6 @@ def xsam(
     >>> params = optax.apply_updates(params, updates)
   """
   _validation.check_transformation("optimizer", optimizer)
-  if hessian_at not in HESSIAN_POINTS:
-    raise ValueError(f"hessian_at must be one of {HESSIAN_POINTS}, got "
-                     f"{hessian_at!r}.")
-  if hessian_at == "sam_point":
-    return _sam_point.xsam_at_sam_point(
-        optimizer, rho=rho, alpha=alpha, update_every=update_every,
-        num_iters=num_iters, method=method, sign_invariant=sign_invariant,
-        normalize=normalize, adaptive=adaptive, seed=seed,
-        batch_axis_name=batch_axis_name)
   return optax.chain(
       _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),
       _correction.eigenvector_correction(
@@ -148,7 +127,7 @@ def xsam(
           update_every=update_every,
           num_iters=num_iters,
           method=method,
-          sign_invariant=sign_invariant,
+          rule=rule,
           normalize=normalize,
           seed=seed,
           batch_axis_name=batch_axis_name,

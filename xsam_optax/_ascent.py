@@ -11,7 +11,6 @@ import numpy as np
 from xsam_optax import _tree
 from xsam_optax import _validation
 
-PyTree = _tree.PyTree
 
 INCOMING_HELP = (
     "X-SAM transforms recompute the gradient with grad_fn, so whatever "
@@ -28,8 +27,8 @@ INCOMING_HELP = (
 )
 
 
-def call_grad_fn(grad_fn: Callable[[PyTree], PyTree], tree: PyTree, *,
-                 owner: str) -> PyTree:
+def call_grad_fn(grad_fn: Callable[[_tree.PyTree], _tree.PyTree], tree: _tree.PyTree, *,
+                 owner: str) -> _tree.PyTree:
   """``grad_fn(tree)``; a failure gets a note saying what it was given."""
   try:
     return grad_fn(tree)
@@ -46,8 +45,8 @@ def call_grad_fn(grad_fn: Callable[[PyTree], PyTree], tree: PyTree, *,
     raise
 
 
-def checked_call(updates: PyTree, params: PyTree, grad_fn, check_incoming,
-                 batch_axis_name: _tree.AxisName, *, owner: str) -> PyTree:
+def checked_call(updates: _tree.PyTree, params: _tree.PyTree, grad_fn, check_incoming,
+                 batch_axis_name: _tree.AxisName, *, owner: str) -> _tree.PyTree:
   """What every ascent's ``update`` checks first; returns ``params`` as arrays.
 
   ``grad_fn`` is required, ``check_incoming`` must be a Python bool and, when
@@ -62,7 +61,7 @@ def checked_call(updates: PyTree, params: PyTree, grad_fn, check_incoming,
   return params
 
 
-def sam_point(updates: PyTree, params: PyTree, rho, adaptive: bool) -> PyTree:
+def sam_point(updates: _tree.PyTree, params: _tree.PyTree, rho, adaptive: bool) -> _tree.PyTree:
   """``params + eps``: SAM's worst-case point for the gradient ``updates``.
 
   ``eps = rho g / ||g||``; with ``adaptive`` (ASAM) the ball is scaled by
@@ -77,8 +76,8 @@ def sam_point(updates: PyTree, params: PyTree, rho, adaptive: bool) -> PyTree:
   return _tree.add_scaled(params, rho, direction)
 
 
-def finish_sam_gradient(grads: PyTree, params: PyTree,
-                        batch_axis_name: _tree.AxisName) -> PyTree:
+def finish_sam_gradient(grads: _tree.PyTree, params: _tree.PyTree,
+                        batch_axis_name: _tree.AxisName) -> _tree.PyTree:
   """``grad_fn``'s output at the SAM point, averaged; zeros if not finite.
 
   A loss can be finite at ``params`` and not at ``params + eps``: the base
@@ -95,9 +94,9 @@ def finish_sam_gradient(grads: PyTree, params: PyTree,
                       grads)
 
 
-def sam_gradient(grad_fn: Callable[[PyTree], PyTree], point: PyTree,
-                 params: PyTree, batch_axis_name: _tree.AxisName, *,
-                 owner: str) -> PyTree:
+def sam_gradient(grad_fn: Callable[[_tree.PyTree], _tree.PyTree], point: _tree.PyTree,
+                 params: _tree.PyTree, batch_axis_name: _tree.AxisName, *,
+                 owner: str) -> _tree.PyTree:
   """The gradient at the SAM point (:func:`finish_sam_gradient`)."""
   return finish_sam_gradient(call_grad_fn(grad_fn, point, owner=owner),
                              params, batch_axis_name)
@@ -115,8 +114,8 @@ def _raise_if_differ(owner: str, difference, reference, tolerance) -> None:
         f"{INCOMING_HELP}")
 
 
-def verify_incoming(updates: PyTree, params: PyTree,
-                    grad_fn: Callable[[PyTree], PyTree],
+def verify_incoming(updates: _tree.PyTree, params: _tree.PyTree,
+                    grad_fn: Callable[[_tree.PyTree], _tree.PyTree],
                     batch_axis_name: _tree.AxisName, *, owner: str) -> None:
   """Raises if ``updates`` is not ``grad_fn(params)`` (costs one gradient).
 

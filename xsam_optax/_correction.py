@@ -1,6 +1,7 @@
 """X-SAM's correction: remove part of the gradient along the top eigenvector."""
 
-from typing import Any, NamedTuple, Union
+from collections.abc import Callable
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -10,51 +11,44 @@ from xsam_optax import _tracking
 from xsam_optax import _tree
 from xsam_optax import _validation
 
-PyTree = Any
+
+# A correction rule maps (cos, alpha) to the coefficient of v to remove:
+# g_new = g_hat - rule(cos, alpha) * v, with cos = <g_hat, v>. A new rule is
+# one function here (or a callable passed as ``rule``).
+Rule = Callable[[jax.Array, Union[float, jax.Array]], jax.Array]
+RULES: dict[str, Rule] = {
+    # The authors' rule, sign(<g, v>) <g_hat, v> = |<g_hat, v>|: it damps a
+    # component along +v and amplifies one along -v.
+    "reference": lambda cos, alpha: alpha * jnp.abs(cos),
+    # Damps the component along v by 1 - alpha whatever v's sign.
+    "sign_invariant": lambda cos, alpha: alpha * cos,
+}
 
 
-class EigenvectorCorrectionState(NamedTuple):
-  """State of :func:`eigenvector_correction`.
-
-  Attributes:
-    count: int32, number of ``update`` calls so far.
-    eigenvector: unit-norm estimate of the Hessian's top eigenvector, a pytree
-      like the parameters (same dtypes).
-    eigenvalue: the top-eigenvalue estimate of the last refresh (0 before the
-      first). With ``method="lanczos"`` it is the Ritz value of
-      ``eigenvector`` itself. With ``method="power"`` it is the Rayleigh
-      quotient :math:`u^\\top H u` of the last iterate :math:`u` that was
-      multiplied, i.e. of the vector one power step *before* ``eigenvector``
-      (which is :math:`Hu / \\|Hu\\|`): the two belong to the same vector
-      only once the iteration has converged. With a callable ``method``, the
-      ``eigenvalue`` of its :class:`EigenResult`.
-    residual: :math:`\\|Hu - \\lambda u\\|` for that same vector (the Ritz
-      residual for Lanczos) at the last refresh (``inf`` before the first or
-      when unknown).
-    cos_angle: cosine between the incoming gradient and ``eigenvector`` at
-      the last step.
-  """
-
-  count: jax.Array
-  eigenvector: PyTree
-  eigenvalue: jax.Array
-  residual: jax.Array
-  cos_angle: jax.Array
+def resolve_rule(rule: Union[str, Rule]) -> Rule:
+  """The rule's function: a name of ``RULES`` or a callable ``(cos, alpha) -> coefficient``."""
+  if callable(rule):
+    return rule
+  _validation.check_choice("rule", rule, tuple(RULES),
+                           also="or a callable (cos, alpha) -> coefficient")
+  return RULES[rule]
 
 
-def correct(updates: PyTree, eigenvector: PyTree, alpha, *,
-            sign_invariant: bool, normalize: bool) -> tuple[PyTree, jax.Array]:
-  r"""Applies X-SAM's rule to ``updates``; returns it and :math:`\cos(g, v)`.
+def correct(updates: _tree.PyTree, eigenvector: _tree.PyTree, alpha, *,
+            rule: Rule, normalize: bool) -> tuple[_tree.PyTree, jax.Array]:
+  r"""Applies a correction rule to ``updates``; returns it and :math:`\cos(g, v)`.
 
-  Reference rule: :math:`\hat g - \alpha\,\mathrm{sign}(\langle g, v\rangle)
-  \langle \hat g, v\rangle v`; sign-invariant rule: :math:`\hat g - \alpha
-  \langle \hat g, v\rangle v`. ``normalize=False`` multiplies back by
-  :math:`\|g\|`.
+  :math:`\hat g - r(c, \alpha)\, v` with :math:`c = \langle \hat g, v\rangle`;
+  ``normalize=False`` multiplies back by :math:`\|g\|`.
   """
   unit, norm = _tree.safe_normalize(updates)
   # At least float32, as the state stores it: the norm of bf16 updates is bf16.
   cos = _tree.vdot(unit, eigenvector)
-  coefficient = alpha * (cos if sign_invariant else jnp.abs(cos))
+  coefficient = jnp.asarray(rule(cos, alpha))
+  if coefficient.shape != ():
+    raise ValueError(
+        "rule must return a scalar coefficient of the eigenvector, got shape "
+        f"{coefficient.shape}.")
   corrected = _tree.add_scaled(unit, -coefficient, eigenvector)
   if not normalize:
     corrected = jax.tree.map(
@@ -63,33 +57,13 @@ def correct(updates: PyTree, eigenvector: PyTree, alpha, *,
   return corrected, cos
 
 
-def corrected_and_state(updates: PyTree, state: EigenvectorCorrectionState,
-                        estimate: tuple, alpha, *, sign_invariant: bool,
-                        normalize: bool):
-  """``updates`` corrected along this step's eigenvector, and the next state.
-
-  ``estimate``: the ``(eigenvector, eigenvalue, residual)`` to use at this
-  step (refreshed or kept).
-  """
-  eigenvector, eigenvalue, residual = estimate
-  corrected, cos = correct(updates, eigenvector, alpha,
-                           sign_invariant=sign_invariant, normalize=normalize)
-  return corrected, EigenvectorCorrectionState(
-      count=optax.safe_increment(state.count),
-      eigenvector=eigenvector,
-      eigenvalue=eigenvalue,
-      residual=residual,
-      cos_angle=cos.astype(state.cos_angle.dtype),
-  )
-
-
 def eigenvector_correction(
     alpha: Union[float, jax.Array] = 0.2,
     *,
     update_every: int = 1,
     num_iters: int = 1,
     method: _tracking.Method = "power",
-    sign_invariant: bool = False,
+    rule: Union[str, Rule] = "reference",
     normalize: bool = True,
     seed: int = 0,
     batch_axis_name: _tree.AxisName = None,
@@ -112,10 +86,12 @@ def eigenvector_correction(
   :math:`c > 0` the component along :math:`v` is damped to
   :math:`(1-\alpha)c`, with :math:`c < 0` it is amplified to
   :math:`(1+\alpha)c`, so the correction drifts along whichever sign the
-  estimator happened to return. ``sign_invariant=True`` applies
+  estimator happened to return. ``rule="sign_invariant"`` applies
   :math:`\hat g - \alpha c v`, which damps the component by :math:`1-\alpha`
   for either sign and gives the same update for :math:`v` and :math:`-v`.
   The reference rule stays the default for fidelity with the paper's code.
+  ``rule`` also takes a callable ``(cos, alpha) -> coefficient``: the update
+  is then :math:`\hat g - \mathrm{coefficient}\; v`.
 
   **Step 0.** The reference code first refreshes at step ``update_every`` and
   leaves earlier steps uncorrected; here the first refresh is at step 0, so
@@ -170,7 +146,9 @@ def eigenvector_correction(
     method: ``"power"``, ``"lanczos"`` or a callable ``(matvec, v0) ->
       EigenResult`` (with :func:`optax.inject_hyperparams`, name a callable
       ``method`` in ``static_args``).
-    sign_invariant: use the sign-invariant rule instead of the reference one.
+    rule: ``"reference"`` (:math:`\alpha |c|`), ``"sign_invariant"``
+      (:math:`\alpha c`) or a callable ``(cos, alpha) -> coefficient`` of
+      :math:`v` to remove.
     normalize: drop the gradient's magnitude, as the reference does.
     seed: seed of the initial random eigenvector.
     batch_axis_name: mapped axis over which to average the curvature
@@ -200,14 +178,14 @@ def eigenvector_correction(
     <https://arxiv.org/abs/2601.10251>`_, 2026.
   """
   _validation.check_float("alpha", alpha, minimum=0.0, maximum=2.0)
-  _validation.check_bool("sign_invariant", sign_invariant)
+  rule_fn = resolve_rule(rule)
   _validation.check_bool("normalize", normalize)
   settings = _tracking.refresh_settings(
       update_every, num_iters, method, batch_axis_name, owner=eigenvector_correction)
   _validation.check_int("seed", seed, minimum=0)
 
   def init_fn(params):
-    return EigenvectorCorrectionState(**_tracking.initial_fields(params, seed))
+    return _tracking.initial_state(params, seed)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, refresh=None,
                 curvature_fn=None, **extra_args):
@@ -217,8 +195,8 @@ def eigenvector_correction(
     estimate = _tracking.track(
         state, params, grad_fn, settings, refresh,
         owner="eigenvector_correction", curvature_fn=curvature_fn)
-    return corrected_and_state(updates, state, estimate, alpha,
-                               sign_invariant=sign_invariant,
-                               normalize=normalize)
+    corrected, cos = correct(updates, estimate[0], alpha, rule=rule_fn,
+                             normalize=normalize)
+    return corrected, _tracking.next_state(state, estimate, cos)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,6 +1,6 @@
 """Eigen-SAM: SAM's ascent tilted towards the top Hessian eigenvector."""
 
-from typing import NamedTuple, Union
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -10,20 +10,6 @@ from xsam_optax import _ascent
 from xsam_optax import _tracking
 from xsam_optax import _tree
 from xsam_optax import _validation
-
-PyTree = _tree.PyTree
-
-
-class EigenSamState(NamedTuple):
-  """State of :func:`eigen_sam_ascent`; fields as in
-  :class:`EigenvectorCorrectionState` (``cos_angle`` is cos(g, v) for the
-  incoming gradient)."""
-
-  count: jax.Array
-  eigenvector: PyTree
-  eigenvalue: jax.Array
-  residual: jax.Array
-  cos_angle: jax.Array
 
 
 def eigen_sam_ascent(
@@ -76,16 +62,16 @@ def eigen_sam_ascent(
   Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import xsam_optax
-    >>> loss = lambda p: jnp.sum(jnp.array([10.0, 1.0]) * p["w"] ** 2)
+    >>> curvature = jnp.array([10.0, 1.0])
+    >>> grad_fn = jax.grad(lambda p: jnp.sum(curvature * p["w"] ** 2))
     >>> params = {"w": jnp.array([1.0, 1.0])}
-    >>> tx = optax.chain(xsam_optax.eigen_sam_ascent(0.05, 0.2),
-    ...                  optax.sgd(0.01))
-    >>> state = tx.init(params)
-    >>> grad_fn = jax.grad(loss)
-    >>> updates, state = tx.update(grad_fn(params), state, params,
-    ...                            grad_fn=grad_fn)
-    >>> round(float(optax.tree.get(state, "eigenvalue")), 3)
-    20.0
+    >>> tx = optax.chain(xsam_optax.eigen_sam_ascent(0.05, 0.2), optax.sgd(0.01))
+    >>> opt_state = tx.init(params)
+    >>> updates, opt_state = tx.update(grad_fn(params), opt_state, params,
+    ...                                grad_fn=grad_fn)
+    >>> ascent_state = opt_state[0]  # an EigenvectorState
+    >>> round(float(ascent_state.eigenvalue), 3), int(ascent_state.count)
+    (20.0, 1)
 
   References:
     Luo et al., `Explicit Eigenvalue Regularization Improves Sharpness-Aware
@@ -98,7 +84,7 @@ def eigen_sam_ascent(
       update_every, num_iters, method, batch_axis_name, owner=eigen_sam_ascent)
 
   def init_fn(params):
-    return EigenSamState(**_tracking.initial_fields(params, seed))
+    return _tracking.initial_state(params, seed)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, refresh=None,
                 curvature_fn=None, check_incoming=False, **extra_args):
@@ -117,12 +103,7 @@ def eigen_sam_ascent(
     adv_grads = _ascent.sam_gradient(
         grad_fn, _tree.add_scaled(params, rho, direction), params,
         batch_axis_name, owner="eigen_sam_ascent")
-    return adv_grads, EigenSamState(
-        count=optax.safe_increment(state.count),
-        eigenvector=eigenvector,
-        eigenvalue=eigenvalue,
-        residual=residual,
-        cos_angle=cos,
-    )
+    return adv_grads, _tracking.next_state(
+        state, (eigenvector, eigenvalue, residual), cos)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -20,7 +20,7 @@ overrides.
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,6 @@ import optax
 from xsam_optax import _tree
 from xsam_optax import _validation
 
-PyTree = Any
 UNROLL_UP_TO = 10
 
 
@@ -45,13 +44,13 @@ class EigenResult(NamedTuple):
   """
 
   eigenvalue: jax.Array
-  eigenvector: PyTree
+  eigenvector: _tree.PyTree
   residual: jax.Array
   num_matvecs: jax.Array
 
 
 # An eigenvector estimator: ``(matvec, v0) -> EigenResult``, settings bound.
-Estimator = Callable[[Callable[[PyTree], PyTree], PyTree], EigenResult]
+Estimator = Callable[[Callable[[_tree.PyTree], _tree.PyTree], _tree.PyTree], EigenResult]
 
 
 def _fixed_loop(num_iters: int, body, init, unroll: bool):
@@ -76,7 +75,7 @@ def _resolve_unroll(unroll: Optional[bool], num_iters: int) -> bool:
   return unroll
 
 
-def _unit_start(v0: PyTree) -> PyTree:
+def _unit_start(v0: _tree.PyTree) -> _tree.PyTree:
   """``v0 / ||v0||``; a constant direction if ``v0`` is zero or non-finite."""
   unit, norm = _tree.safe_normalize(v0)
   fallback, _ = _tree.safe_normalize(jax.tree.map(jnp.ones_like, v0))
@@ -84,8 +83,8 @@ def _unit_start(v0: PyTree) -> PyTree:
 
 
 def power_iteration(
-    matvec: Callable[[PyTree], PyTree],
-    v0: PyTree,
+    matvec: Callable[[_tree.PyTree], _tree.PyTree],
+    v0: _tree.PyTree,
     *,
     num_iters: int,
     tol: Optional[float] = None,
@@ -172,8 +171,8 @@ def power_iteration(
 
 
 def lanczos(
-    matvec: Callable[[PyTree], PyTree],
-    v0: PyTree,
+    matvec: Callable[[_tree.PyTree], _tree.PyTree],
+    v0: _tree.PyTree,
     *,
     num_iters: int,
     k: int = 1,
@@ -248,7 +247,7 @@ def lanczos(
   return EigenResult(values, vectors, residuals, num_matvecs)
 
 
-def _lanczos_recurrence(matvec, q0: PyTree, m: int, reorthogonalize: bool,
+def _lanczos_recurrence(matvec, q0: _tree.PyTree, m: int, reorthogonalize: bool,
                         unroll: bool):
   """``m`` Lanczos steps from the unit vector ``q0``.
 

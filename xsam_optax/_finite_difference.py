@@ -1,20 +1,20 @@
 """Finite-difference curvature products: one gradient per product."""
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_optax import _tree
 from xsam_optax import _validation
 
-PyTree = Any
 # Relative step in units of sqrt(eps): see finite_difference_fn.
 STEP_SCALE = 0.01
 
 
-def finite_difference_step(params: PyTree, scale: float = STEP_SCALE) -> jax.Array:
+def finite_difference_step(params: _tree.PyTree, scale: float = STEP_SCALE) -> jax.Array:
   """``scale * sqrt(eps) * max(1, ||params||)``, ``eps`` of the widest leaf dtype."""
   eps = max(float(jnp.finfo(jnp.result_type(x)).eps)
             for x in jax.tree.leaves(params))
@@ -23,11 +23,11 @@ def finite_difference_step(params: PyTree, scale: float = STEP_SCALE) -> jax.Arr
 
 
 def finite_difference_fn(
-    grad_fn: Callable[[PyTree], PyTree],
-    grads: Optional[PyTree] = None,
+    grad_fn: Callable[[_tree.PyTree], _tree.PyTree],
+    grads: Optional[_tree.PyTree] = None,
     *,
     scale: float = STEP_SCALE,
-) -> Callable[[PyTree, PyTree], PyTree]:
+) -> Callable[[_tree.PyTree, _tree.PyTree], _tree.PyTree]:
   r"""``(params, v) -> (grad_fn(params + h v) - g) / h``, a one-gradient :math:`Hv`.
 
   A one-sided difference of the gradient along ``v``:
@@ -81,7 +81,7 @@ def finite_difference_fn(
   if isinstance(scale, (int, float)) and scale <= 0:
     raise ValueError(f"scale must be > 0, got {scale}.")
 
-  def product(params: PyTree, v: PyTree) -> PyTree:
+  def product(params: _tree.PyTree, v: _tree.PyTree) -> _tree.PyTree:
     h = finite_difference_step(params, scale)
     base = grad_fn(params) if grads is None else grads
     shifted = jax.tree.map(lambda p, u: (p + h * u).astype(p.dtype), params, v)

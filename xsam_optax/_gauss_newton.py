@@ -5,13 +5,13 @@ from typing import Any
 
 import jax
 
-PyTree = Any
+from xsam_optax import _tree
 
 
 def gauss_newton_fn(
-    output_fn: Callable[[PyTree], Any],
+    output_fn: Callable[[_tree.PyTree], Any],
     output_loss_fn: Callable[[Any], jax.Array],
-) -> Callable[[PyTree, PyTree], PyTree]:
+) -> Callable[[_tree.PyTree, _tree.PyTree], _tree.PyTree]:
   r"""``(params, v) -> G v``, the Gauss-Newton matrix times ``v``.
 
   With :math:`z = f(\theta)` the model's outputs (``output_fn``) and
@@ -59,7 +59,7 @@ def gauss_newton_fn(
     raise ValueError(
         f"output_loss_fn must be callable, got {output_loss_fn!r}.")
 
-  def product(params: PyTree, v: PyTree) -> PyTree:
+  def product(params: _tree.PyTree, v: _tree.PyTree) -> _tree.PyTree:
     outputs, jv = jax.jvp(output_fn, (params,), (v,))
     h_jv = jax.jvp(jax.grad(output_loss_fn), (outputs,), (jv,))[1]
     _, vjp = jax.vjp(output_fn, params)

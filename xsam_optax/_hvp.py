@@ -1,14 +1,14 @@
 """Hessian-vector products from a gradient function."""
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 
-PyTree = Any
+from xsam_optax import _tree
 
 
-def hvp(grad_fn: Callable[[PyTree], PyTree], params: PyTree, v: PyTree) -> PyTree:
+def hvp(grad_fn: Callable[[_tree.PyTree], _tree.PyTree], params: _tree.PyTree,
+        v: _tree.PyTree) -> _tree.PyTree:
   r"""Hessian-vector product :math:`H(\theta) v`, forward-over-reverse.
 
   Computes the directional derivative of ``grad_fn`` at ``params`` along
@@ -35,8 +35,8 @@ def hvp(grad_fn: Callable[[PyTree], PyTree], params: PyTree, v: PyTree) -> PyTre
 
 
 def hessian_fn(
-    grad_fn: Callable[[PyTree], PyTree],
-) -> Callable[[PyTree, PyTree], PyTree]:
+    grad_fn: Callable[[_tree.PyTree], _tree.PyTree],
+) -> Callable[[_tree.PyTree, _tree.PyTree], _tree.PyTree]:
   r"""``(params, v) -> H v`` for the loss whose gradient is ``grad_fn``.
 
   A ``curvature_fn`` for the ``update`` of :func:`eigenvector_correction`,

@@ -1,6 +1,6 @@
 """The SAM ascent step as an optax transform."""
 
-from typing import NamedTuple, Union
+from typing import Union
 
 import jax
 import optax
@@ -9,8 +9,6 @@ from xsam_optax import _ascent
 from xsam_optax import _tree
 from xsam_optax import _validation
 
-class SamAscentState(NamedTuple):
-  """``sam_ascent`` keeps no state."""
 
 
 def sam_ascent(
@@ -85,7 +83,7 @@ def sam_ascent(
 
   def init_fn(params):
     del params
-    return SamAscentState()
+    return optax.EmptyState()
 
   def update_fn(updates, state, params=None, *, grad_fn=None,
                 check_incoming=False, **extra_args):

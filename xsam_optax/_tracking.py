@@ -23,7 +23,6 @@ from xsam_optax import _hvp
 from xsam_optax import _tree
 from xsam_optax import _validation
 
-PyTree = Any
 Method = Union[str, _estimators.Estimator]
 
 # The named methods: estimator, and the fewest products with which a
@@ -64,11 +63,8 @@ def refresh_settings(update_every: int, num_iters: int, method: Method,
           f"with method={method!r}. Bind them in the callable instead, e.g. "
           "functools.partial(xsam_optax.lanczos, num_iters=...).")
     return RefreshSettings(update_every, method, batch_axis_name)
-  if not isinstance(method, str) or method not in METHODS:
-    names = ", ".join(map(repr, METHODS))
-    raise ValueError(
-        f"method must be one of {names} or a callable (matvec, v0) -> "
-        f"EigenResult, got {method!r}.")
+  _validation.check_choice("method", method, tuple(METHODS),
+                           also="or a callable (matvec, v0) -> EigenResult")
   estimator, fewest = METHODS[method]
   if num_iters < fewest:
     raise ValueError(
@@ -126,16 +122,65 @@ def refresh_due(step: int, update_every: int = 1) -> bool:
   return int(step) % update_every == 0
 
 
-def initial_fields(params: PyTree, seed: int) -> dict[str, Any]:
-  """Fields of a fresh state: a random unit eigenvector drawn from ``seed``."""
+class EigenvectorState(NamedTuple):
+  """State of :func:`eigenvector_correction` and :func:`eigen_sam_ascent`.
+
+  Attributes:
+    count: int32, number of ``update`` calls so far.
+    eigenvector: unit-norm estimate of the Hessian's top eigenvector, a pytree
+      like the parameters (same dtypes).
+    eigenvalue: the top-eigenvalue estimate of the last refresh (0 before the
+      first). With ``method="lanczos"`` it is the Ritz value of
+      ``eigenvector`` itself. With ``method="power"`` it is the Rayleigh
+      quotient :math:`u^\\top H u` of the last iterate :math:`u` that was
+      multiplied, i.e. of the vector one power step *before* ``eigenvector``
+      (which is :math:`Hu / \\|Hu\\|`): the two belong to the same vector
+      only once the iteration has converged. With a callable ``method``, the
+      ``eigenvalue`` of its :class:`EigenResult`.
+    residual: :math:`\\|Hu - \\lambda u\\|` for that same vector (the Ritz
+      residual for Lanczos) at the last refresh (``inf`` before the first or
+      when unknown).
+    cos_angle: the signed cosine between the incoming gradient and
+      ``eigenvector`` at the last step (its sign is the one the reference rule
+      discards).
+
+  Examples:
+    >>> import jax.numpy as jnp, xsam_optax
+    >>> state = xsam_optax.eigenvector_correction().init({"w": jnp.ones(3)})
+    >>> type(state).__name__, int(state.count), float(state.residual)
+    ('EigenvectorState', 0, inf)
+  """
+
+  count: jax.Array
+  eigenvector: _tree.PyTree
+  eigenvalue: jax.Array
+  residual: jax.Array
+  cos_angle: jax.Array
+
+
+def initial_state(params: _tree.PyTree, seed: int) -> EigenvectorState:
+  """A fresh state: a random unit eigenvector drawn from ``seed``."""
   _, draw = jax.random.split(jax.random.PRNGKey(seed))
   scalar = _tree.scalar_dtype(params)
-  return dict(
+  return EigenvectorState(
       count=jnp.zeros((), jnp.int32),
       eigenvector=_tree.random_unit_like(draw, params),
       eigenvalue=jnp.zeros((), scalar),
       residual=jnp.full((), jnp.inf, scalar),
       cos_angle=jnp.zeros((), scalar),
+  )
+
+
+def next_state(state: EigenvectorState, estimate: tuple,
+               cos: jax.Array) -> EigenvectorState:
+  """The state after one step that used ``estimate`` and measured ``cos``."""
+  eigenvector, eigenvalue, residual = estimate
+  return EigenvectorState(
+      count=optax.safe_increment(state.count),
+      eigenvector=eigenvector,
+      eigenvalue=eigenvalue,
+      residual=residual,
+      cos_angle=cos.astype(state.cos_angle.dtype),
   )
 
 
@@ -151,7 +196,7 @@ def reject_removed_extras(extra_args: dict[str, Any], *, owner: str) -> None:
         "curvature_fn=xsam_optax.hessian_fn(g) for hvp_grad_fn=g.")
 
 
-def _checked_result(result, eigenvector: PyTree):
+def _checked_result(result, eigenvector: _tree.PyTree):
   """The estimator's eigenpair, its eigenvector in the stored dtypes."""
   if jax.tree.structure(result.eigenvector) != jax.tree.structure(eigenvector):
     raise ValueError(
@@ -231,14 +276,14 @@ def resolve_refresh(state: NamedTuple, refresh, settings: RefreshSettings):
 
 def track(
     state: NamedTuple,
-    params: PyTree,
-    grad_fn: Callable[[PyTree], PyTree],
+    params: _tree.PyTree,
+    grad_fn: Callable[[_tree.PyTree], _tree.PyTree],
     settings: RefreshSettings,
     refresh: Union[None, bool, jax.Array],
     *,
     owner: str,
-    curvature_fn: Optional[Callable[[PyTree, PyTree], PyTree]] = None,
-) -> tuple[PyTree, jax.Array, jax.Array]:
+    curvature_fn: Optional[Callable[[_tree.PyTree, _tree.PyTree], _tree.PyTree]] = None,
+) -> tuple[_tree.PyTree, jax.Array, jax.Array]:
   """The eigenvector, eigenvalue and residual to use at this step.
 
   ``refresh=None`` follows the schedule (``count % update_every == 0``,

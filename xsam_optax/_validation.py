@@ -91,10 +91,13 @@ def check_bool(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-  if value not in choices:
+def check_choice(name: str, value: Any, choices: Sequence[str], *,
+                 also: str = "") -> None:
+  """Requires one of the names ``choices``; ``also`` names what else is accepted."""
+  if not (isinstance(value, str) and value in choices):
+    alternatives = f" {also}" if also else ""
     raise ValueError(
-        f"{name} must be one of {', '.join(map(repr, choices))}, "
+        f"{name} must be one of {', '.join(map(repr, choices))}{alternatives}, "
         f"got {value!r}.")
 
 

@@ -18,13 +18,14 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 from typing import Any
 
-from xsam_optax import _tracking
 from xsam_optax.train import data as data_lib
 from xsam_optax.train import loop
 from xsam_optax.train import models
+from xsam_optax.train import optimizers
 from xsam_optax.train import report
 
 DESCRIPTION = """\
@@ -54,6 +55,12 @@ clean forward pass. Writes OUT/metrics.json and OUT/curves.png and prints a tabl
 """
 
 
+# The library's named estimators and correction rules (a test checks that
+# these are exactly the names xsam_optax.xsam accepts).
+METHODS = ("power", "lanczos")
+RULES = ("reference", "sign_invariant")
+
+
 class _OneLineParser(argparse.ArgumentParser):
   """An ``ArgumentParser`` whose errors are one line on stderr (exit status 2)."""
 
@@ -73,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
   add("--model", choices=models.MODELS, default="cnn",
       help="cnn: 3 conv blocks with BatchNorm; mlp: 2 hidden layers, no BatchNorm; "
            "default %(default)s")
-  add("--optimizer", choices=loop.OPTIMIZERS + ("all",), default="all",
+  add("--optimizer", choices=optimizers.OPTIMIZERS + ("all",), default="all",
       help="which optimizer(s) to train; default %(default)s")
   add("--epochs", type=int, default=30, help="default %(default)s")
   add("--batch-size", type=int, default=128, help="default %(default)s")
@@ -89,21 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
       help="X-SAM eigenvector refresh period in steps; default %(default)s")
   add("--num-iters", type=int, default=1,
       help="X-SAM Hessian-vector products per refresh; default %(default)s")
-  add("--method", choices=tuple(_tracking.METHODS), default="power",
+  add("--method", choices=METHODS, default="power",
       help="X-SAM eigenvector estimator; default %(default)s")
-  add("--curvature", choices=loop.CURVATURES, default="hessian",
+  add("--curvature", choices=optimizers.CURVATURES, default="hessian",
       help="X-SAM refreshes: Hessian-vector products, or Gauss-Newton products of the "
-           "logits (cheaper; see the README's Performance); default %(default)s")
-  add("--hessian-at", dest="hessian_at", choices=("params", "sam_point"),
-      default="params",
-      help="X-SAM refreshes: the Hessian at the parameters (the paper's) or at the "
-           "SAM point, where one jvp gives the SAM gradient too (faster; README, "
-           "Performance); default %(default)s")
+           "logits (cheaper per product, positive semi-definite; for losses convex in "
+           "the outputs, like cross-entropy); default %(default)s")
   add("--no-normalize", dest="normalize", action="store_false",
       help="X-SAM: keep the SAM gradient's length instead of a unit direction")
-  add("--sign-invariant", action="store_true",
-      help="X-SAM: damp the component along v whatever v's sign (g - alpha c v) "
-           "instead of the reference rule (g - alpha |c| v)")
+  add("--rule", choices=RULES, default="reference",
+      help="X-SAM correction rule: reference (g - alpha |c| v, the paper's) or "
+           "sign_invariant (g - alpha c v: damps the component along v whatever "
+           "v's sign); default %(default)s")
   add("--seed", type=int, default=0,
       help="seed for initialisation, data order and estimators; default %(default)s")
   add("--out", default="runs",
@@ -132,9 +136,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       (0 <= args.alpha <= 2, f"--alpha must be in [0, 2], got {args.alpha}"),
       (args.update_every >= 1, f"--update-every must be >= 1, got {args.update_every}"),
       (args.num_iters >= 1, f"--num-iters must be >= 1, got {args.num_iters}"),
-      (args.num_iters >= _tracking.METHODS[args.method][1],
-       f"--num-iters must be >= {_tracking.METHODS[args.method][1]} with "
-       f"--method {args.method}, got {args.num_iters}"),
       (args.eig_iters >= 1, f"--eig-iters must be >= 1, got {args.eig_iters}"),
       (args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}"),
       (args.train_size is None or args.train_size >= args.batch_size,
@@ -143,7 +144,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   for ok, message in checks:
     if not ok:
       parser.error(message)
+  try:  # The library's own checks of the X-SAM settings, before any training.
+    _make_optimizer(args, "xsam", learning_rate=args.lr)
+  except ValueError as e:
+    parser.error(f"X-SAM settings: {e}")
+  if not _writable_folder(args.out):
+    parser.error(f"--out {args.out!r} cannot be created or written to")
   return args
+
+
+def _writable_folder(path: str) -> bool:
+  """Whether ``path`` is a folder (created if missing) that this process can write to.
+
+  Tried for real (``os.access`` says yes to root everywhere): the run's
+  results are written only after every optimizer has trained.
+  """
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError:
+    return False
+  return True
+
+
+def _make_optimizer(args: argparse.Namespace, name: str, *, learning_rate):
+  return optimizers.make_optimizer(
+      name, learning_rate=learning_rate, momentum=args.momentum,
+      weight_decay=args.weight_decay, rho=args.rho, alpha=args.alpha,
+      update_every=args.update_every, num_iters=args.num_iters, method=args.method,
+      normalize=args.normalize, rule=args.rule,
+      curvature=args.curvature if name == "xsam" else "hessian", seed=args.seed)
 
 
 def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -151,15 +182,14 @@ def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
       "optimizer": name,
       "base": {"name": "sgd", "momentum": args.momentum, "weight_decay": args.weight_decay,
                "schedule": "cosine_decay", "peak_lr": args.lr},
-      "gradient_given_to_base": loop.GRADIENT_GIVEN[name],
+      "gradient_given_to_base": optimizers.GRADIENT_GIVEN[name],
   }
   if name in ("sam", "xsam"):
     config["rho"] = args.rho
   if name == "xsam":
     config.update(alpha=args.alpha, update_every=args.update_every,
                   num_iters=args.num_iters, method=args.method, curvature=args.curvature,
-                  normalize=args.normalize, sign_invariant=args.sign_invariant,
-                  hessian_at=args.hessian_at, seed=args.seed)
+                  normalize=args.normalize, rule=args.rule, seed=args.seed)
     if not args.normalize:
       config["gradient_given_to_base"] = "X-SAM corrected SAM gradient, SAM gradient's length kept"
   return config
@@ -170,24 +200,17 @@ def _train_all(args: argparse.Namespace, protocol: loop.Protocol, variables, eva
   """Trains every optimizer the flags name under one protocol; the metrics per run."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-  names = loop.OPTIMIZERS if args.optimizer == "all" else (args.optimizer,)
+  names = optimizers.OPTIMIZERS if args.optimizer == "all" else (args.optimizer,)
   runs: dict[str, dict[str, Any]] = {}
   for name in names:
-    optimizer = loop.make_optimizer(
-        name, learning_rate=protocol.schedule, momentum=args.momentum,
-        weight_decay=args.weight_decay, rho=args.rho, alpha=args.alpha,
-        update_every=args.update_every, num_iters=args.num_iters,
-        method=args.method, normalize=args.normalize,
-        sign_invariant=args.sign_invariant, hessian_at=args.hessian_at,
-        seed=args.seed)
+    optimizer = _make_optimizer(args, name, learning_rate=protocol.schedule)
     with tqdm(total=protocol.total_steps, desc=f"{name:>4}", unit="step",
               disable=not args.progress, leave=True, file=sys.stderr) as bar:
       _, result = loop.run_training(
           protocol.model, optimizer, protocol.dataset, epochs=args.epochs,
           batch_size=args.batch_size, seed=args.seed, eval_x=protocol.eval_x,
           eval_y=protocol.eval_y, top_eigenvalue_fn=top_eigenvalue_fn, eval_fn=eval_fn,
-          curvature=args.curvature if name == "xsam" else "hessian", progress=bar,
-          variables=variables)
+          progress=bar, variables=variables)
     timed = result.ms_per_step[1:] or result.ms_per_step  # Epoch 1 includes warm-up.
     runs[name] = {
         "config": _run_config(args, name),
@@ -248,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
   shared_compile_seconds = time.perf_counter() - t0
 
   runs = _train_all(args, protocol, variables, eval_fn, top_eigenvalue_fn)
+  print(report.format_table(runs))  # First: nothing below can lose the results.
   os.makedirs(args.out, exist_ok=True)
   report.write_metrics(os.path.join(args.out, "metrics.json"),
                        _metrics(args, protocol, runs, shared_compile_seconds))
   report.plot_curves(os.path.join(args.out, "curves.png"), runs,
                      title=f"{args.dataset} / {args.model}, {args.epochs} epochs")
-  print(report.format_table(runs))
   print(f"wrote {os.path.join(args.out, 'metrics.json')} and "
         f"{os.path.join(args.out, 'curves.png')}")
   return 0

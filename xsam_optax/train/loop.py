@@ -45,21 +45,9 @@ import optax
 import xsam_optax
 from xsam_optax.train import data as data_lib
 from xsam_optax.train import models
+from xsam_optax.train import optimizers as optimizers_lib
 
-PyTree = Any
-OPTIMIZERS = ("sgd", "sam", "xsam")
-# Also accepted by `make_optimizer` (not by the CLI): Eigen-SAM's ascent in
-# front of the same base.
-EXTRA_OPTIMIZERS = ("eigensam",)
-
-# What reaches the base optimizer, stated in the metrics config of each run.
-GRADIENT_GIVEN = {
-    "sgd": "raw mini-batch gradient g",
-    "sam": "raw SAM gradient grad L(theta + rho g/||g||)",
-    "xsam": "X-SAM corrected SAM gradient (unit norm when normalize=True)",
-}
-
-
+PyTree = Any  # a parameter pytree (the library's alias is private)
 class TrainState(NamedTuple):
   """Everything a step reads and writes (all arrays; no Python-side state)."""
 
@@ -112,11 +100,6 @@ def make_grad_fn(
   """
   loss_fn = make_train_loss(model)
   return jax.grad(lambda p: loss_fn(p, batch_stats, x, y)[0])
-
-
-# What refreshes multiply by: the Hessian of grad_fn (the transforms'
-# default), or Gauss-Newton products of the logits.
-CURVATURES = ("hessian", "gauss-newton")
 
 
 def make_gauss_newton_fn(
@@ -204,8 +187,8 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
   Returns metrics ``loss``, ``accuracy``, ``grad_norm`` (of the clean pass) and
   ``cos_angle`` (the optimizer's cos(g_hat, v) when its state has one, else NaN).
   """
-  if not callable(curvature) and curvature not in CURVATURES:
-    raise ValueError(f"curvature must be one of {CURVATURES} or a callable, "
+  if not callable(curvature) and curvature not in optimizers_lib.CURVATURES:
+    raise ValueError(f"curvature must be one of {optimizers_lib.CURVATURES} or a callable, "
                      f"got {curvature!r}")
   loss_fn = make_train_loss(model)
   tx = optax.with_extra_args_support(tx)
@@ -264,77 +247,6 @@ def make_top_eigenvalue_fn(model, *, num_iters: int = 10):
     return result.eigenvalue
 
   return top_eigenvalue
-
-
-class Optimizer(NamedTuple):
-  """What :func:`make_optimizer` builds: the transform and its refresh period.
-
-  Attributes:
-    tx: the optax transform.
-    refresh_every: the period of ``tx``'s eigenvector refreshes, so that the
-      training loop can choose the refresh steps on the host
-      (:func:`xsam_optax.refresh_due`); ``None`` when ``tx`` has none or
-      refreshes on every step (no ``lax.cond`` then).
-  """
-
-  tx: optax.GradientTransformationExtraArgs
-  refresh_every: int | None
-
-
-def make_optimizer(
-    name: str,
-    *,
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    rho: float = 0.05,
-    alpha: float = 0.2,
-    update_every: int = 1,
-    num_iters: int = 1,
-    method: str = "power",
-    normalize: bool = True,
-    sign_invariant: bool = False,
-    hessian_at: str = "params",
-    seed: int = 0,
-) -> Optimizer:
-  """SGD (momentum, weight decay, given schedule), alone or behind SAM, X-SAM or Eigen-SAM.
-
-  ``name`` is one of ``OPTIMIZERS`` or ``EXTRA_OPTIMIZERS``. ``normalize``,
-  ``sign_invariant`` and ``hessian_at`` are X-SAM's (see
-  :func:`xsam_optax.xsam`); ``"eigensam"`` chains
-  :func:`xsam_optax.eigen_sam_ascent` (``rho``, ``alpha``, ``update_every``,
-  ``num_iters``, ``method``, ``seed``) in front of the base optimizer. The
-  returned :class:`Optimizer` carries ``update_every`` as its
-  ``refresh_every``, the one place the host's schedule comes from.
-
-  Example:
-    >>> opt = make_optimizer("xsam", learning_rate=0.1, update_every=3)
-    >>> isinstance(opt.tx, optax.GradientTransformationExtraArgs), opt.refresh_every
-    (True, 3)
-  """
-  base = optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      optax.sgd(learning_rate, momentum=momentum),
-  )
-  tracking = dict(update_every=update_every, num_iters=num_iters, method=method,
-                  seed=seed)
-  if name == "sgd":
-    return Optimizer(optax.with_extra_args_support(base), None)
-  if name == "sam":
-    return Optimizer(xsam_optax.sam(base, rho=rho), None)
-  # A refresh on every step leaves the host nothing to choose: one program,
-  # no lax.cond either way.
-  period = update_every if update_every > 1 else None
-  if name == "xsam":
-    return Optimizer(xsam_optax.xsam(
-        base, rho=rho, alpha=alpha, sign_invariant=sign_invariant,
-        normalize=normalize, hessian_at=hessian_at, **tracking), period)
-  if name == "eigensam":
-    return Optimizer(
-        optax.chain(xsam_optax.eigen_sam_ascent(rho, alpha, **tracking), base),
-        period)
-  raise ValueError(
-      f"optimizer must be one of {OPTIMIZERS + EXTRA_OPTIMIZERS}, got {name!r}")
 
 
 class Protocol(NamedTuple):
@@ -404,15 +316,15 @@ class RunResult(NamedTuple):
   eval_seconds: float | None = None
 
 
-def compile_steps(model, optimizer: Optimizer, state: TrainState, x: jax.Array,
-                  y: jax.Array, *, curvature: str = "hessian") -> dict:
+def compile_steps(model, optimizer: optimizers_lib.Optimizer, state: TrainState,
+                  x: jax.Array, y: jax.Array) -> dict:
   """The step compiled ahead of time, keyed by the ``refresh`` it is run with.
 
   ``{True: ..., False: ...}`` when ``optimizer.refresh_every`` is set (the
   host picks one per step, and neither has a ``lax.cond``), else ``{None: ...}``
   (one program; refreshes, if any, under the transform's own ``lax.cond``).
   """
-  jitted = jax.jit(make_train_step(model, optimizer.tx, curvature=curvature),
+  jitted = jax.jit(make_train_step(model, optimizer.tx, curvature=optimizer.curvature),
                    static_argnames="refresh", donate_argnums=0)
   if optimizer.refresh_every is None:
     return {None: jitted.lower(state, x, y).compile()}
@@ -452,7 +364,7 @@ def _summarise(history: list[dict[str, Any]]) -> dict[str, float]:
 
 def run_training(
     model,
-    optimizer: Optimizer | optax.GradientTransformation,
+    optimizer: optimizers_lib.Optimizer | optax.GradientTransformation,
     dataset,
     *,
     epochs: int,
@@ -462,13 +374,13 @@ def run_training(
     eval_y: jax.Array,
     top_eigenvalue_fn: Callable[..., jax.Array],
     eval_fn: Callable[..., tuple[jax.Array, jax.Array]],
-    curvature: str = "hessian",
     progress: Any = None,
     variables: dict[str, PyTree] | None = None,
 ) -> tuple[TrainState, RunResult]:
   """Runs the protocol for one optimizer and returns the final state and curves.
 
-  ``optimizer``: an :class:`Optimizer` from :func:`make_optimizer`; with a
+  ``optimizer``: an :class:`~xsam_optax.train.optimizers.Optimizer` from
+  :func:`~xsam_optax.train.optimizers.make_optimizer`; with a
   ``refresh_every`` the step is compiled twice ahead of time, with
   ``refresh=True`` (eigenvector refresh) and ``refresh=False``, and the host
   picks one per step on the transform's own schedule (steps 0, k, 2k, ...),
@@ -476,14 +388,13 @@ def run_training(
   refreshes (if any) under ``lax.cond``.
 
   ``eval_fn`` and ``top_eigenvalue_fn`` should be the same jitted callables for
-  every optimizer (compiled once). ``curvature``: what X-SAM's refreshes
-  multiply by (see :func:`make_train_step`). ``progress`` is an optional object
+  every optimizer (compiled once). ``progress`` is an optional object
   with tqdm's ``update(n)`` / ``set_postfix(**kw)``. ``variables``: initial
   model variables shared by every run (default: :func:`init_variables` from
   ``seed``).
   """
-  if not isinstance(optimizer, Optimizer):
-    optimizer = Optimizer(optax.with_extra_args_support(optimizer), None)
+  if not isinstance(optimizer, optimizers_lib.Optimizer):
+    optimizer = optimizers_lib.Optimizer(optax.with_extra_args_support(optimizer), None)
   x_train, y_train = dataset.x_train, dataset.y_train
   if len(x_train) // batch_size < 1:
     raise ValueError(
@@ -496,7 +407,7 @@ def run_training(
   state = jax.tree.map(jnp.copy, state)
   t0 = time.perf_counter()
   steps = compile_steps(model, optimizer, state, x_train[:batch_size],
-                        y_train[:batch_size], curvature=curvature)
+                        y_train[:batch_size])
   compile_seconds = time.perf_counter() - t0
 
   curves = {k: [] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
