@@ -1,9 +1,11 @@
 """The notebooks run top to bottom and draw their plots; the committed copies carry no outputs.
 
 Each notebook is executed with nbclient in a fresh ``python3`` kernel, from the
-``notebooks`` directory, as a new user's "Run all" would. Their default
-``SMALL = True`` settings keep a run to a minute or two on a 2-core CPU, and the
-install cell is skipped because the package is importable, so no network is used.
+``notebooks`` directory, as a new user's "Run all" would, except that a cell
+after the settings cell shrinks the run (fewer epochs, coarser slices: every
+cell still runs the same code). Their own ``SMALL = True`` settings keep a run to
+a minute or two on a 2-core CPU; the test's to seconds. The install cell is
+skipped because the package is importable, so no network is used.
 (These tests execute the notebooks themselves: do not also run pytest with
 ``--nbmake``.)
 """
@@ -20,6 +22,12 @@ NOTEBOOKS = ("quickstart.ipynb", "sharpness.ipynb")
 CELL_TIMEOUT_S = 600
 KERNEL_STARTUP_TIMEOUT_S = 180  # Generous: CI machines may be busy.
 COLAB_URL = "https://colab.research.google.com/github/xsam-optax/xsam-optax/blob/main/notebooks/"
+# Settings the test overrides, after the notebook's settings cell.
+TEST_SETTINGS = {
+    "quickstart.ipynb": "EPOCHS, EIG_ITERS, EVAL_BATCH = 2, 4, 128",
+    "sharpness.ipynb": ("EPOCHS, EVAL_BATCH, LANCZOS_ITERS = 2, 128, 8\n"
+                        "NUM_RANDOM, SLICE_POINTS, GRID_POINTS = 2, 9, 5"),
+}
 
 
 def _read(name):
@@ -28,6 +36,18 @@ def _read(name):
 
 def _code_cells(nb):
   return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def _with_test_settings(nb, name):
+  """``nb`` with a cell of :data:`TEST_SETTINGS` right after its settings cell."""
+  settings = [i for i, cell in enumerate(nb.cells)
+              if cell.cell_type == "code" and cell.source.startswith("SMALL = True")]
+  assert len(settings) == 1, f"{name}: one settings cell starting with 'SMALL = True'"
+  for assignment in TEST_SETTINGS[name].splitlines():  # Only names the notebook sets.
+    for variable in assignment.split("=")[0].split(","):
+      assert f"\n{variable.strip()} = " in "\n" + nb.cells[settings[0]].source, variable
+  nb.cells.insert(settings[0] + 1, nbformat.v4.new_code_cell(TEST_SETTINGS[name]))
+  return nb
 
 
 def test_every_notebook_is_tested():
@@ -62,7 +82,7 @@ def test_notebook_runs_and_draws_every_plot(name, tmp_path, monkeypatch):
   # The kernel inherits this environment; ipykernel installs its inline
   # (image/png) backend only when MPLBACKEND is unset.
   monkeypatch.delenv("MPLBACKEND", raising=False)
-  nb = _read(name)
+  nb = _with_test_settings(_read(name), name)
   client = NotebookClient(
       nb, timeout=CELL_TIMEOUT_S, startup_timeout=KERNEL_STARTUP_TIMEOUT_S, kernel_name="python3",
       resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
