@@ -1,4 +1,4 @@
-"""Sphinx configuration: the API reference from the docstrings, and the README.
+"""Sphinx configuration: the manual (Markdown pages) and the API reference.
 
 Build (warnings are errors, as in tests/test_docs.py)::
 
@@ -7,6 +7,8 @@ Build (warnings are errors, as in tests/test_docs.py)::
 
 import os
 import sys
+
+from docutils import nodes
 
 # The checkout's package, ahead of any installed copy.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
@@ -37,8 +39,30 @@ napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 napoleon_attr_annotations = False  # types come from the Attributes text
 myst_heading_anchors = 3
-# README.md jumps from a section (##) to the generated tables' headings (####).
+# The generated pages (performance.md, study.md) may jump heading levels.
 suppress_warnings = ["myst.header"]
 
 html_theme = "alabaster"
 html_static_path = []
+
+
+# Images that a run writes (xsam-train's runs/curves.png) exist only after the
+# run: in a fresh clone they become a line of text instead of a warning. Images
+# committed to the repository (experiments/results/*.png) must exist.
+RUN_OUTPUTS = ("runs",)
+
+
+def _run_outputs_as_text(app, doctree):
+  docdir = os.path.dirname(app.env.doc2path(app.env.docname))
+  for image in list(doctree.findall(nodes.image)):
+    uri = image["uri"]
+    path = os.path.normpath(os.path.join(docdir, uri))
+    relative = os.path.relpath(path, os.path.dirname(app.srcdir))
+    if relative.split(os.sep)[0] in RUN_OUTPUTS and not os.path.exists(path):
+      text = nodes.emphasis(text=f"{relative} (written by the run)")
+      image.replace_self(text)
+
+
+def setup(app):
+  # Before Sphinx's image collector (priority 500), which warns on a missing file.
+  app.connect("doctree-read", _run_outputs_as_text, priority=400)

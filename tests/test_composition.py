@@ -258,7 +258,7 @@ def test_missing_grad_fn_error_names_wrappers_that_drop_it():
 
 
 def test_lookahead_recipe_binds_grad_fn():
-  # README recipe: a wrapper that cannot forward grad_fn gets a transform
+  # The guide's recipe: a wrapper that cannot forward grad_fn gets a transform
   # with grad_fn already bound, built inside the step.
   def bind_grad_fn(tx, grad_fn):
     return optax.GradientTransformation(
@@ -357,7 +357,7 @@ def test_masked_xsam_names_the_cause_at_the_transform(name, wrap):
 
 
 def test_frozen_parameters_recipe_is_sam_on_the_trainable_ones():
-  # README recipe: the optimizer sees only the trainable parameters; the
+  # The guide's recipe: the optimizer sees only the trainable parameters; the
   # loss closes over the frozen ones, which never move and are never
   # perturbed. Oracle: the SAM step restated on the trainable leaves.
   frozen = {"b": PARAMS["b"]}

@@ -40,8 +40,8 @@ def call_grad_fn(grad_fn: Callable[[_tree.PyTree], _tree.PyTree], tree: _tree.Py
           f"{jax.tree.structure(tree)}. grad_fn takes the parameters alone, "
           "e.g. jax.grad(lambda p: loss_fn(p, batch)). Inside an optax "
           "wrapper that changes the parameters' structure (optax.flatten, "
-          "optax.masked, optax.multi_transform) it cannot work; see the "
-          "README, 'Composing with optax and Flax'.)")
+          "optax.masked, optax.multi_transform) it cannot work; see "
+          "docs/guide.md, 'Composing with optax, Flax and Equinox'.)")
     raise
 
 

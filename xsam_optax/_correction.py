@@ -118,7 +118,8 @@ def eigenvector_correction(
   or one of your own: it gets the (batch-averaged) curvature product and the
   stored eigenvector, and must return one eigenpair with a finite residual
   (a non-finite eigenvalue or residual keeps the previous eigenvector). The
-  README's Performance section compares the estimators' cost and quality.
+  Performance page of the manual (docs/performance.md) compares the
+  estimators' cost and quality.
 
   **Periodic refreshes: choose them on the host.** With ``update_every > 1``
   and without ``refresh``, ``update`` refreshes under ``lax.cond`` on the

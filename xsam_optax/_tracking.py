@@ -86,7 +86,7 @@ def refresh_due(step: int, update_every: int = 1) -> bool:
   then picks one of two compiled steps, and neither contains a ``lax.cond``.
   That is the fast way to run a periodic schedule (``update_every > 1``): on
   XLA:CPU a refresh under ``lax.cond`` runs its convolutions in a slow layout
-  (the README's Performance section). The default schedule refreshes on every
+  (docs/performance.md). The default schedule refreshes on every
   step and has no ``cond`` either way.
 
   Args:

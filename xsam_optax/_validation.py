@@ -25,8 +25,9 @@ WRAPPERS_HELP = (
     "If you did pass grad_fn, something between your call and this "
     "transform dropped it: flax's TrainState.apply_gradients (use "
     "xsam_optax.flax_utils.TrainState, which forwards it) and optax.lookahead "
-    "do not forward keyword arguments to tx.update (README, 'Composing with "
-    "optax and Flax', shows how to bind grad_fn for such wrappers)."
+    "do not forward keyword arguments to tx.update (docs/guide.md, 'Composing "
+    "with optax, Flax and Equinox', shows how to bind grad_fn for such "
+    "wrappers)."
 )
 TRAIN_STATE_HELP = (
     "flax.training.train_state.TrainState.apply_gradients called tx.update "
@@ -46,7 +47,7 @@ MASKED_HELP = (
     "  grad_fn = jax.grad(lambda t: loss({**t, **frozen}, batch))\n"
     "  updates, state = tx.update(grad_fn(trainable), state, trainable, "
     "grad_fn=grad_fn)\n"
-    "(README, 'Composing with optax and Flax')."
+    "(docs/guide.md, 'Composing with optax, Flax and Equinox')."
 )
 
 

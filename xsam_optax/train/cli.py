@@ -69,7 +69,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """The ``xsam-train`` argument parser (defaults are the README's run)."""
+  """The ``xsam-train`` argument parser (defaults are the README's main job)."""
   p = _OneLineParser(
       prog="xsam-train", description=DESCRIPTION,
       formatter_class=argparse.RawDescriptionHelpFormatter)
