@@ -248,7 +248,7 @@ def choose(by_lr: dict[float, dict[int, dict[str, Any]]], initial, val_examples:
            max_extend: int | None = None) -> Choice:
   """Replays the study's selection (``study.select_rate``) on the runs at hand.
 
-  ``initial``: the method's first grid (the records' ``config.initial_grid``).
+  ``initial``: the method's first grid (``study.initial_grid``).
   Rates outside the grid the rule visits (run by an earlier selection) are
   never candidates; a rate lacking a grid seed stops the search.
 
@@ -286,7 +286,10 @@ def tuned(runs) -> dict[str, dict[str, tuple[Choice, dict[int, dict]]]]:
     out[setting] = {}
     for m, by_lr in by_method.items():
       c = config[setting, m]
-      choice = choose(by_lr, c["initial_grid"], c["val_examples"])
+      # The study's first grid (records of an earlier pass may name another one).
+      initial = (_study().initial_grid(_study().METHODS[m], setting)
+                 if m in _study().METHODS and setting in _study().SETTINGS else c["initial_grid"])
+      choice = choose(by_lr, initial, c["val_examples"])
       out[setting][m] = (choice, by_lr[choice.lr])
   return out
 
@@ -762,15 +765,19 @@ def conclusions(a: Analysis) -> list[str]:
                                      f"Holm p {_p(c.p_holm)})" for m, c in zip(norm, cs))
         + f". SAM's own test accuracy spreads by "
         f"{np.std([100 * r['test_accuracy'] for r in a.tuned[noisy]['sam'][1].values()], ddof=1):.1f}"
-        " pp (sd over seeds) there. The control has no correction, so whatever normalisation "
-        "does is not the correction's doing; whether it is a real gain is a lead, not a finding.")
+        " pp (sd over seeds) there. "
+        + ("None survives Holm's correction: a lead, not a finding. " if all(
+            c.p_holm >= ALPHA for c in cs) else "")
+        + "The control has no correction, so whatever normalisation does here is not the "
+        "correction's doing.")
   si = [k for k in a.vs_sam if k[1] == "xsam_si"]
   if si:
     out.append("- **Sign-invariant rule**: " + ", ".join(
         f"{_ci(a.vs_sam[k])} pp against SAM on {SHORT_SETTING.get(k[0], k[0])} (Holm p "
         f"{_p(a.vs_sam[k].p_holm)})" for k in si) + "; against its control "
         + ", ".join(f"{_ci(a.vs_control[k])} pp" for k in si if k in a.vs_control)
-        + ". A lead, not a finding.")
+        + (". None survives Holm's correction: a lead, not a finding." if all(
+            a.vs_sam[k].p_holm >= ALPHA for k in si) else "."))
   eig = [k for k in a.vs_sam if k[1].startswith("eigensam")]
   if eig:
     out.append("- **Eigen-SAM** against SAM: " + ", ".join(
@@ -871,22 +878,24 @@ def plot(a: Analysis, results_dir: str) -> list[str]:
   plt.close(fig)
 
   # effects.png: differences against SAM with intervals and the MDE band.
-  fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 4.2), squeeze=False)
-  for ax, s in zip(axes[0], settings):
+  heights = [max(1, sum((s, m) in a.vs_sam for m in a.tuned[s])) for s in settings]
+  fig, axes = plt.subplots(len(settings), 1, figsize=(8, 1.2 + 0.42 * sum(heights)),
+                           squeeze=False, gridspec_kw={"height_ratios": heights})
+  for ax, s in zip(axes[:, 0], settings):
     ms = [m for m in a.tuned[s] if (s, m) in a.vs_sam]
     for y, m in enumerate(reversed(ms)):
       c = a.vs_sam[s, m]
       ax.fill_between([-c.mde, c.mde], y - 0.35, y + 0.35, color="0.85", lw=0)
       ax.plot([c.lo, c.hi], [y, y], color=COLORS.get(m, "k"), lw=2)
       ax.plot([c.mean], [y], _style(m)["marker"], color=COLORS.get(m, "k"), ms=6)
-      ax.annotate(f"Holm p {_p(c.p_holm)}", (1.0, y), xycoords=("axes fraction", "data"),
-                  xytext=(-2, 0), textcoords="offset points", ha="right", va="center",
-                  fontsize=6)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(ms)), [LABELS.get(m, m) for m in reversed(ms)], fontsize=7)
-    ax.set_xlabel("Δ test accuracy vs SAM (pp): mean, 95% CI; grey: ± MDE")
+    ax.set_yticks(range(len(ms)), [f"{LABELS.get(m, m)}  (Holm p {_p(a.vs_sam[s, m].p_holm)})"
+                                   for m in reversed(ms)], fontsize=7)
+    ax.set_ylim(-0.6, len(ms) - 0.4)
     ax.set_title(SETTING_LABELS.get(s, s), fontsize=8)
     ax.grid(alpha=0.3, axis="x")
+  axes[-1, 0].set_xlabel("test accuracy minus SAM's (pp): dot = mean, bar = 95% CI, "
+                         "grey = ± MDE (80% power)")
   fig.tight_layout()
   paths.append(os.path.join(results_dir, FIGURES[1]))
   _save(fig, paths[-1])
@@ -903,11 +912,14 @@ def plot(a: Analysis, results_dir: str) -> list[str]:
       ax.scatter([np.exp(np.mean(np.log(eig)))], [np.mean(acc)], color=st["color"], marker="X",
                  s=90, edgecolors="black", lw=0.6, label=f"{LABELS.get(m, m)} (lr {ch.lr:g})")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_title(SETTING_LABELS.get(s, s) + ": chosen rates, X = mean", fontsize=8)
     ax.set_xlabel("final lambda_max (Lanczos; X at the geometric mean)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
   paths.append(os.path.join(results_dir, FIGURES[2]))
   _save(fig, paths[-1])
