@@ -645,14 +645,14 @@ def format_page(a: Analysis, runs, figures: str = "../experiments/results") -> s
        "(From scratch, the rates outside the visited grids listed above are not run.) The "
        "records on disk were written by these commands, in the records' `command` field:", "",
        "```bash"] + commands + ["```", "",
-         f"Total training time of the {n_runs} runs: {cpu_hours:.1f} h (single runs one after "
-         "another, on a shared 2-core CPU). Every record stores `rerun_row_command`, which trains "
+         f"Total training time of the {n_runs} runs: {cpu_hours:.1f} h (the sum of each run's "
+         "own time; one or two worker processes on a shared 2-core CPU). Every record stores `rerun_row_command`, which trains "
          f"that one run again into `{study.RERUN_OUT}` (another `--out` writes elsewhere; the "
          "results folder would skip the existing file), e.g.:", "", "```bash",
          example["rerun_row_command"], "```", "",
-         "A rerun reproduces the validation and test accuracies exactly and the losses to about "
-         "1e-8 (XLA:CPU's float summation order); `tests/test_study.py` reruns one stored run "
-         "and checks this.", ""])
+         "`tests/test_study.py` reruns one stored run this way and checks that it reproduces "
+         "the training, validation and test accuracies exactly and the losses to a relative "
+         "1e-6 (XLA:CPU may sum floats in another order).", ""])
 
   # ------------------------------------------------------------------ appendix
   add(["## Appendix: the whole grid", ""])
