@@ -1,28 +1,38 @@
-"""Summarises the tuned study: per-method rate chosen on validation, then test numbers.
+"""Writes the study page: each method's rate chosen on validation, then paired tests on test accuracy.
 
-For each (setting, method) the peak learning rate with the highest mean
-validation accuracy over seeds (final epoch) is chosen; test accuracy and
-lambda_max are reported at that rate (mean ± std over seeds), with paired
-differences against SAM at SAM's chosen rate: mean and 95% t-interval over
-seeds, and in how many seeds the method beats SAM. The whole grid (mean
-validation and test accuracy and lambda_max per rate) follows. Writes
-``summary.md``, ``grid.png`` (validation accuracy against the rate) and
-``tuned.png`` (test accuracy against lambda_max at the chosen rates).
+For each (setting, method) the peak learning rate is chosen on the validation
+split by the study's rule (``study.select_rate``: integer counts of correct
+validation predictions summed over the grid seeds, a tie to the smaller rate,
+the grid extended past an edge as the study did); test accuracy and lambda_max
+are reported at that rate over every seed run there. Each method is compared
+with SAM at SAM's chosen rate, and each normalised X-SAM rule with its alpha 0
+control, paired by seed: mean difference, 95% t-interval, two-sided paired
+t-test p-value, Holm's adjustment within each family of comparisons, and the
+minimum detectable difference (80% power, two-sided 5%, from the observed
+spread of the differences; :func:`mde`).
+
+Writes the page (``--page``, default ``docs/study.md``) and, next to the run
+records, ``grid.png`` (validation accuracy against the rate on the grid
+seeds, chosen rate marked), ``tuned.png`` (test accuracy against lambda_max at
+the chosen rates) and ``effects.png`` (differences against SAM with their
+intervals and detectable sizes); prints the README's three lines.
 
 Example (shell)::
 
-  python experiments/report.py --results experiments/results
+  python experiments/report.py --results experiments/results --page docs/study.md
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
+import importlib.util
 import json
 import math
 import os
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -46,10 +56,27 @@ SETTING_LABELS = {
     "mnist1d_cnn_noise20": "MNIST-1D, CNN with BatchNorm, 20% symmetric label noise",
     "digits_mlp": "digits, MLP",
 }
-# Paired references: SAM for every method; for the X-SAM rules, also the
-# control that differs from them only by the correction (alpha 0).
+SHORT_SETTING = {"mnist1d_cnn": "MNIST-1D CNN", "mnist1d_cnn_noise20": "MNIST-1D CNN, 20% noise",
+                 "digits_mlp": "digits MLP"}
+# The correction alone: each normalised X-SAM rule against the control that
+# differs from it only by alpha = 0. (normalize=False's alpha 0 control is SAM
+# itself, already the reference of every method.)
 CONTROLS = {"xsam": "xsam_a0", "xsam_si": "xsam_a0", "xsam_pow": "xsam_a0",
-            "xsam_si_pow": "xsam_a0", "xsam_nn": "sam", "xsam_nn_pow": "sam"}
+            "xsam_si_pow": "xsam_a0"}
+# Methods on the plain grid (step lr * ||g||) and on the normalised grid (step lr).
+PLAIN = ("sgd", "sam", "xsam_nn", "eigensam", "xsam_nn_pow", "eigensam_pow")
+ALPHA, POWER = 0.05, 0.8
+FIGURES = ("grid.png", "effects.png", "tuned.png")
+
+
+@functools.lru_cache(maxsize=None)
+def _study():
+  """``experiments/study.py`` (the selection rule lives there), however this file is loaded."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "study.py")
+  spec = importlib.util.spec_from_file_location("xsam_experiments_study", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def load_runs(results_dir: str) -> list[dict[str, Any]]:
@@ -65,6 +92,10 @@ def _order(names):
   return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
 
+def _setting_key(s):
+  return list(SETTING_LABELS).index(s) if s in SETTING_LABELS else len(SETTING_LABELS)
+
+
 def grid(runs) -> dict[str, dict[str, dict[float, dict[int, dict[str, Any]]]]]:
   """``{setting: {method: {lr: {seed: results}}}}``."""
   out: dict = {}
@@ -72,16 +103,125 @@ def grid(runs) -> dict[str, dict[str, dict[float, dict[int, dict[str, Any]]]]]:
     out.setdefault(r["setting"], {}).setdefault(r["method"], {}).setdefault(
         r["peak_lr"], {})[r["seed"]] = r["results"]
   return {s: {m: dict(sorted(out[s][m].items())) for m in _order(out[s])}
-          for s in sorted(out, key=lambda s: list(SETTING_LABELS).index(s)
-                          if s in SETTING_LABELS else len(SETTING_LABELS))}
+          for s in sorted(out, key=_setting_key)}
 
 
-def _val(results) -> float:
-  v = results["val_accuracy"]
-  return v if results.get("finite", True) and np.isfinite(v) else -np.inf
+# ----------------------------------------------------------------------------- statistics
 
 
-def _common_seeds(by_lr) -> set[int]:
+def t_interval(d, level: float = 0.95) -> tuple[float, float, float]:
+  """Mean and t-interval of paired differences ``d`` (nan bounds if n < 2)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  d = np.asarray(d, float)
+  if len(d) < 2:
+    return float(d.mean()), math.nan, math.nan
+  half = stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+  return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def paired_p(d) -> float:
+  """Two-sided p-value of the paired t-test that the mean difference is 0 (1 if all equal)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  d = np.asarray(d, float)
+  if len(d) < 2:
+    return math.nan
+  sd = d.std(ddof=1)
+  if sd == 0:
+    return 1.0 if d.mean() == 0 else 0.0
+  t = d.mean() / (sd / np.sqrt(len(d)))
+  return float(2 * stats.t.sf(abs(t), len(d) - 1))
+
+
+@functools.lru_cache(maxsize=None)
+def mde_factor(n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+  """Minimum detectable mean difference of a paired t-test, in units of the differences' sd.
+
+  Exact, from the noncentral t: the noncentrality ``nc`` at which the
+  two-sided level-``alpha`` test on ``n`` differences rejects with probability
+  ``power``, divided by sqrt(n). (The usual approximation
+  ``(t_{1-alpha/2, n-1} + t_{power, n-1}) / sqrt(n)`` is a little smaller:
+  1.662 against 1.682 at n = 5, 0.995 against 0.996 at n = 10.)
+
+  Example:
+    >>> round(mde_factor(10), 3)
+    0.996
+  """
+  from scipy import optimize, stats  # pylint: disable=g-import-not-at-top
+
+  df = n - 1
+  crit = stats.t.ppf(1 - alpha / 2, df)
+  # P(T < -crit | nc) written as P(T > crit | -nc): scipy's nct.cdf turns NaN far in the tail.
+  reject = lambda nc: stats.nct.sf(crit, df, nc) + stats.nct.sf(crit, df, -nc) - power
+  hi = 2 * crit + 2.0
+  while reject(hi) < 0:
+    hi *= 2
+  return float(optimize.brentq(reject, 0.0, hi, xtol=1e-12) / np.sqrt(n))
+
+
+def mde(d, alpha: float = ALPHA, power: float = POWER) -> float:
+  """Minimum detectable mean difference given the observed spread of ``d`` (nan if n < 2)."""
+  d = np.asarray(d, float)
+  if len(d) < 2:
+    return math.nan
+  return mde_factor(len(d), alpha, power) * float(d.std(ddof=1))
+
+
+def holm(pvalues) -> list[float]:
+  """Holm's step-down adjusted p-values (family-wise error), in the input order.
+
+  The i-th smallest of m p-values is multiplied by m - i + 1 (i from 1), the
+  products are made non-decreasing in that order, and capped at 1.
+
+  Example:
+    >>> holm([0.01, 0.04, 0.03, 0.005])
+    [0.03, 0.06, 0.06, 0.02]
+  """
+  p = np.asarray(pvalues, float)
+  m = len(p)
+  order = np.argsort(p, kind="stable")
+  adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+  out = np.empty(m)
+  out[order] = adjusted
+  return [round(float(x), 12) for x in out]
+
+
+class Comparison(NamedTuple):
+  """A paired comparison over the seeds both sides have (differences: method - reference)."""
+
+  n: int
+  mean: float
+  lo: float
+  hi: float
+  p: float
+  mde: float
+  wins: int
+  ties: int
+  losses: int
+  p_holm: float = math.nan
+
+
+def compare(a: dict[int, dict], b: dict[int, dict], key: str, scale: float = 1.0) -> Comparison:
+  """``a`` against ``b`` (``{seed: results}``) on ``key``, paired by seed."""
+  seeds = sorted(set(a) & set(b))
+  d = np.array([scale * (a[s][key] - b[s][key]) for s in seeds])
+  mean, lo, hi = t_interval(d)
+  return Comparison(len(d), mean, lo, hi, paired_p(d), mde(d), int((d > 0).sum()),
+                    int((d == 0).sum()), int((d < 0).sum()))
+
+
+def with_holm(comparisons: dict[Any, Comparison]) -> dict[Any, Comparison]:
+  """The same comparisons with ``p_holm`` filled in, the family being all of them."""
+  keys = list(comparisons)
+  adjusted = holm([comparisons[k].p for k in keys])
+  return {k: comparisons[k]._replace(p_holm=a) for k, a in zip(keys, adjusted)}
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _common_seeds(by_lr) -> list[int]:
   """The grid's seeds: those present at more than half of the rates.
 
   (The chosen rate also has the remaining seeds; a rate left incomplete by an
@@ -91,285 +231,827 @@ def _common_seeds(by_lr) -> set[int]:
   for runs in by_lr.values():
     for seed in runs:
       counts[seed] = counts.get(seed, 0) + 1
-  return {seed for seed, c in counts.items() if 2 * c > len(by_lr)} or set(counts)
+  return sorted({s for s, c in counts.items() if 2 * c > len(by_lr)} or set(counts))
 
 
-def _complete(by_lr) -> list[float]:
-  """Rates that have every grid seed (the candidates of the choice)."""
-  common = _common_seeds(by_lr)
-  return [lr for lr in sorted(by_lr) if common <= set(by_lr[lr])]
+class Choice(NamedTuple):
+  """The rate chosen on validation and how: the grid the rule visited and its counts."""
+
+  lr: float
+  note: str  # "", "low edge" or "high edge": the chosen rate is the visited grid's end
+  visited: list[float]
+  totals: dict[float, int | None]  # correct validation predictions over the grid seeds
+  grid_seeds: list[int]
 
 
-def choose(by_lr: dict[float, dict[int, dict[str, Any]]]) -> tuple[float, str]:
-  """The rate of highest mean validation accuracy (diverged runs count as -inf), and a note.
+def choose(by_lr: dict[float, dict[int, dict[str, Any]]], initial, val_examples: int,
+           max_extend: int | None = None) -> Choice:
+  """Replays the study's selection (``study.select_rate``) on the runs at hand.
 
-  Means are over the grid's seeds (see ``_common_seeds``), among the rates
-  that have them all. The note is ``"low edge"`` / ``"high edge"`` when the chosen rate is the
-  grid's smallest / largest, else ``""``.
+  ``initial``: the method's first grid (``study.initial_grid``).
+  Rates outside the grid the rule visits (run by an earlier selection) are
+  never candidates; a rate lacking a grid seed stops the search.
 
   Example:
-    >>> r = lambda v: {"val_accuracy": v}
-    >>> choose({0.1: {0: r(0.5)}, 0.2: {0: r(0.7)}, 0.4: {0: r(0.6)}})
-    (0.2, '')
+    >>> r = lambda correct: {"val_accuracy": correct / 100, "finite": True}
+    >>> runs = {0.1: {0: r(50)}, 0.2: {0: r(60)}, 0.4: {0: r(60)}, 0.8: {0: r(70)}}
+    >>> c = choose(runs, (0.1, 0.2, 0.4), 100)
+    >>> c.lr, c.note, c.visited
+    (0.2, '', [0.1, 0.2, 0.4])
   """
-  lrs = _complete(by_lr)
-  # Only the grid's seeds: the chosen rate's extra seeds must not bias its mean.
-  common = _common_seeds(by_lr)
-  means = [np.mean([_val(res) for s, res in by_lr[lr].items() if s in common]) for lr in lrs]
-  best = lrs[int(np.argmax(means))]
-  note = ("" if len(lrs) < 2 or lrs[0] < best < lrs[-1]
-          else "low edge" if best == lrs[0] else "high edge")
-  return best, note
+  study = _study()
+  seeds = _common_seeds(by_lr)
+
+  def totals_of(lrs):
+    out = {}
+    for lr in lrs:
+      if lr in by_lr and set(seeds) <= set(by_lr[lr]):
+        counts = [study.correct_count(by_lr[lr][s], val_examples) for s in seeds]
+        out[lr] = None if None in counts else sum(counts)
+    return out
+
+  if max_extend is None:
+    max_extend = study.MAX_EXTEND
+  visited, best, edge = study.select_rate(tuple(initial), totals_of, max_extend)
+  note = "" if not edge else "low edge" if best == visited[0] else "high edge"
+  return Choice(best, note, visited, totals_of(visited), seeds)
 
 
-def t_interval(d) -> tuple[float, float, float]:
-  """Mean and 95% t-interval of paired differences ``d`` (nan half-width if n < 2)."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
+def tuned(runs) -> dict[str, dict[str, tuple[Choice, dict[int, dict]]]]:
+  """``{setting: {method: (choice, {seed: results at the chosen rate})}}``."""
+  g = grid(runs)
+  config = {(r["setting"], r["method"]): r["config"] for r in runs}
+  out = {}
+  for setting, by_method in g.items():
+    out[setting] = {}
+    for m, by_lr in by_method.items():
+      c = config[setting, m]
+      # The study's first grid (records of an earlier pass may name another one).
+      initial = (_study().initial_grid(_study().METHODS[m], setting)
+                 if m in _study().METHODS and setting in _study().SETTINGS else c["initial_grid"])
+      choice = choose(by_lr, initial, c["val_examples"])
+      out[setting][m] = (choice, by_lr[choice.lr])
+  return out
 
-  d = np.asarray(d, float)
-  if len(d) < 2:
-    return float(d.mean()), math.nan, math.nan
-  half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-  return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+# ----------------------------------------------------------------------------- analysis
 
 
-def _ms(values, fmt) -> str:
+class Analysis(NamedTuple):
+  grid: dict
+  tuned: dict
+  vs_sam: dict  # {(setting, method): Comparison} on test accuracy (pp), Holm over all
+  vs_control: dict  # {(setting, method): Comparison}, Holm over all
+  eig_vs_sam: dict  # {(setting, method): Comparison} on lambda_max (no Holm: descriptive)
+  first5: dict  # vs_sam on seeds 0-4 only (what the earlier write-up had), Holm over all
+  config: dict  # {setting: config of a run}
+  seeds: dict  # {(setting, method): seeds at the chosen rate}
+
+
+def analyse(runs, first_seeds: int = 5) -> Analysis:
+  """Every number of the page."""
+  t = tuned(runs)
+  vs_sam, vs_ctl, eig, first = {}, {}, {}, {}
+  for s, cells in t.items():
+    if "sam" not in cells:
+      continue
+    sam = cells["sam"][1]
+    for m, (_, res) in cells.items():
+      if m == "sam":
+        continue
+      vs_sam[s, m] = compare(res, sam, "test_accuracy", 100)
+      eig[s, m] = compare(res, sam, "top_eigenvalue")
+      early = {k: v for k, v in res.items() if k < first_seeds}
+      first[s, m] = compare(early, sam, "test_accuracy", 100)
+    for m, ctl in CONTROLS.items():
+      if m in cells and ctl in cells:
+        vs_ctl[s, m] = compare(cells[m][1], cells[ctl][1], "test_accuracy", 100)
+  config = {}
+  for r in runs:
+    config.setdefault(r["setting"], r["config"])
+  seeds = {(s, m): sorted(res) for s, cells in t.items() for m, (_, res) in cells.items()}
+  return Analysis(grid(runs), t, with_holm(vs_sam), with_holm(vs_ctl), eig, with_holm(first),
+                  config, seeds)
+
+
+def _pm(values, fmt) -> str:
   a = np.asarray(values, float)
   if len(a) == 1:
     return fmt.format(a[0])
   return f"{fmt.format(a.mean())} ± {fmt.format(a.std(ddof=1)).lstrip('+')}"
 
 
-def _ci(d, fmt) -> str:
-  m, lo, hi = t_interval(d)
-  if math.isnan(lo):
-    return fmt.format(m)
-  return f"{fmt.format(m)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+def _ci(c: Comparison, fmt="{:+.2f}") -> str:
+  if math.isnan(c.lo):
+    return fmt.format(c.mean)
+  return f"{fmt.format(c.mean)} [{fmt.format(c.lo)}, {fmt.format(c.hi)}]"
 
 
-def tuned(by_method):
-  """``{method: (lr, note, {seed: results})}`` at each method's chosen rate."""
-  return {m: (*choose(by_lr), by_lr[choose(by_lr)[0]]) for m, by_lr in by_method.items()}
+def _p(p: float) -> str:
+  return "-" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def paired(a: dict[int, dict], b: dict[int, dict], key: str, scale: float = 1.0):
-  seeds = sorted(set(a) & set(b))
-  return [scale * (a[s][key] - b[s][key]) for s in seeds]
+def _wtl(c: Comparison) -> str:
+  return f"{c.wins}/{c.ties}/{c.losses}"
 
 
-def format_summary(runs) -> str:
-  """The markdown summary (see the module docstring)."""
-  lines = ["# Tuned comparison: summary", ""]
-  g = grid(runs)
-  c = runs[0]["config"]
-  lines += [
-      f"Batch {c['batch_size']}, SGD momentum {c['base']['momentum']}, weight decay "
-      f"{c['base']['weight_decay']}, cosine schedule to 0 from the peak rate; rho 0.05, alpha "
-      "0.2, eigenvector refresh every 5 steps (Lanczos 4 products, the library default; "
-      "`_pow`: 5 power iterations, the reference's schedule). The peak rate of each method is "
-      "the grid point of highest mean validation accuracy over seeds (final epoch; validation "
-      f"= {c['validation']}); test accuracy and lambda_max (Lanczos, "
-      f"{c['measurement']['lanczos_iters']} products, {c['measurement']['batch']}) at that "
-      "rate. Δ vs SAM: paired by seed (same initialisation and data order) against SAM at "
-      "SAM's chosen rate, mean [95% t-interval]; 'beats SAM': seeds with strictly higher "
-      "test accuracy (ties counted apart). 'edge': the chosen rate is the grid's end.", ""]
-  for setting, by_method in g.items():
-    first = next(r for r in runs if r["setting"] == setting)["config"]
-    t = tuned(by_method)
-    lines += [f"## {SETTING_LABELS.get(setting, setting)} (`{setting}`)", "",
-              f"{first['train_examples']} training / {first['val_examples']} validation / "
-              f"{first['test_examples']} test examples"
-              + (f" ({100 * first['noisy_label_fraction']:.1f}% of training and validation "
-                 "labels changed; test labels clean)" if first["label_noise"] else "")
-              + f", {first['epochs']} epochs, {first['total_steps']} steps.", "",
-              "| method | chosen lr | n | val acc (%) | test acc (%) | lambda_max | "
-              "Δ test acc vs SAM (pp) | beats SAM | Δ lambda_max vs SAM | lambda_max below SAM |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    sam = t.get("sam")
-    for m, (lr, note, res) in t.items():
+def _lr(choice: Choice) -> str:
+  return f"{choice.lr:g}" + (f" ({choice.note})" if choice.note else "")
+
+
+def _rng(values, fmt="{:.1f}") -> str:
+  lo, hi = min(values), max(values)
+  return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
+
+def fold_range(by_lr, lrs) -> float:
+  """Ratio of the largest to the smallest mean lambda_max over the grid seeds at ``lrs``."""
+  seeds = _common_seeds(by_lr)
+  means = [np.mean([by_lr[lr][s]["top_eigenvalue"] for s in seeds if s in by_lr[lr]])
+           for lr in lrs]
+  return float(max(means) / min(means))
+
+
+SHORT_LABELS = {"sgd": "SGD", "xsam": "X-SAM", "xsam_a0": "the alpha 0 control",
+                "xsam_nn": "X-SAM normalize=False", "xsam_si": "sign-invariant X-SAM",
+                "eigensam": "Eigen-SAM", "xsam_pow": "X-SAM (power 5)",
+                "xsam_nn_pow": "X-SAM normalize=False (power 5)",
+                "xsam_si_pow": "sign-invariant X-SAM (power 5)", "eigensam_pow": "Eigen-SAM (power 5)"}
+
+
+def readme_lines(a: Analysis) -> str:
+  """The README's three lines: what was compared, what was found, the link."""
+  n = sorted({len(v) for v in a.seeds.values()})
+  if not a.vs_sam:
+    return "\n".join(["**Reproduction study.** No comparison against SAM in these runs.", "",
+                       "See [docs/study.md](docs/study.md)."])
+  sig = [k for k, c in a.vs_sam.items() if c.p_holm < ALPHA]
+  rest = {k: c for k, c in a.vs_sam.items() if k not in sig}
+  csig = [k for k, c in a.vs_control.items() if c.p_holm < ALPHA]
+  found = (f"after Holm's correction {len(sig)} of {len(a.vs_sam)} comparisons with SAM show a "
+           "difference (" + "; ".join(
+               f"{SHORT_LABELS.get(m, m)} {a.vs_sam[s, m].mean:+.2f} pp on "
+               f"{SHORT_SETTING.get(s, s)}" for s, m in sig) + ")" if sig else
+           f"no method differs from SAM after Holm's correction over {len(a.vs_sam)} comparisons")
+  if a.vs_control:
+    found += ("; against the same normalised step without the correction, "
+              + (" and ".join(f"{SHORT_LABELS.get(m, m)} on {SHORT_SETTING.get(s, s)}"
+                              for s, m in csig) + " differ" + ("s" if len(csig) == 1 else "")
+                 + (", each at a chosen rate other than the control's" if all(
+                     a.tuned[s][m][0].lr != a.tuned[s][CONTROLS[m]][0].lr for s, m in csig) else "")
+                 if csig else "no rule differs"))
+  return "\n".join([
+      f"**Reproduction study.** SGD, SAM, X-SAM variants and Eigen-SAM, each at its own learning "
+      f"rate chosen on validation, {'/'.join(map(str, n))} seeds, on three small tasks "
+      "(MNIST-1D CNN, the same with 20% label noise, digits MLP):",
+      f"{found}. Elsewhere no effect is detected; the smallest detectable differences (80% "
+      f"power) were {_mde_ranges(rest, list(a.tuned))}.",
+      "Protocol, tie rule, all tables, figures and caveats: [docs/study.md](docs/study.md).",
+  ])
+
+
+def format_page(a: Analysis, runs, figures: str = "../experiments/results") -> str:
+  """The study page (MyST Markdown); ``figures``: the figures' folder relative to the page."""
+  study = _study()
+  L: list[str] = []
+  add = L.extend
+  settings = list(a.tuned)
+  n_runs = len(runs)
+  n_seeds = sorted({len(v) for v in a.seeds.values()})
+  cpu_hours = sum(r["timing"]["run_seconds"] for r in runs) / 3600
+  c0 = runs[0]["config"]
+  add(["# Reproduction study: does X-SAM help at each method's best learning rate?", "",
+       "This page is written by `python experiments/report.py` from the "
+       f"{n_runs} run records in `experiments/results/` "
+       "(one JSON per setting, method, learning rate and seed, written by "
+       "`experiments/study.py`); every number on it comes from those records.", ""])
+
+  # ------------------------------------------------------------------ what ran
+  add(["## What ran", "",
+       "Methods: SGD; SAM; X-SAM with the reference rule, normalised as in the paper; X-SAM "
+       "with `normalize=False` (the correction on SAM's own gradient); the alpha = 0 control "
+       "of the normalised rule (a unit-length SAM direction, no correction; the alpha = 0 "
+       "control of `normalize=False` is SAM itself, `unit * ||g|| = g`, checked in "
+       "`tests/test_study.py`); the sign-invariant rule; Eigen-SAM. Each runs a grid of peak "
+       "learning rates in three settings: the CLI's CNN with BatchNorm on MNIST-1D; the same "
+       "with 20% symmetric label noise; the MLP on digits. On digits the X-SAM rules and "
+       "Eigen-SAM also run with the reference's eigenvector schedule (\"power 5\").", "",
+       f"Protocol (`xsam_optax.train.loop`, the same for every run): initialisation and data "
+       f"order from the seed, batch {c0['batch_size']}, SGD momentum {c0['base']['momentum']}, "
+       f"weight decay {c0['base']['weight_decay']}, cosine schedule to 0; rho {study.RHO}, "
+       f"alpha 0.2, eigenvector refresh every {study.UPDATE_EVERY} steps with Lanczos, 4 "
+       "products (the library default when the study ran), or 5 power iterations (power 5). "
+       + "; ".join(f"{SHORT_SETTING.get(s, s)}: {a.config[s]['epochs']} epochs "
+                   f"({a.config[s]['total_steps']} steps), {a.config[s]['train_examples']} "
+                   f"training / {a.config[s]['val_examples']} validation / "
+                   f"{a.config[s]['test_examples']} test examples" for s in settings)
+       + ". lambda_max: Lanczos with "
+       f"{c0['measurement']['lanczos_iters']} products on the {c0['measurement']['batch']}.", "",
+       "- **Validation.** 20% of the training set is held out (fixed split) and used only to "
+       "choose the rate; test accuracy is never used for a choice.",
+       "- **Label noise.** 20% of the training labels, before the split, are replaced by a "
+       "uniformly drawn other class, once, identically for every method and seed; validation "
+       "labels are as noisy as training labels (a clean validation set would not exist in "
+       "practice); test labels are clean.",
+       "- **Seeds.** Each method runs its grid on seeds "
+       f"{'-'.join(map(str, (study.GRID_SEEDS[0], study.GRID_SEEDS[-1])))}; the remaining "
+       f"seeds run at the chosen rate only, {'/'.join(map(str, n_seeds))} seeds in all. Seed "
+       "k gives every method the same initialisation and data order, so differences are "
+       "paired by seed.",
+       "- **Grids** are factor-2 apart: 0.025-0.2 for the methods that pass the gradient's "
+       "length on; 0.0025-0.04 (MLP) and 0.02-0.32 (CNN) for the normalised ones, whose step "
+       "is `lr` rather than `lr * ||g||` (BatchNorm keeps the CNN's gradient small, so unit "
+       "steps want larger rates; the normalised CNN runs below 0.02 come from a first pass "
+       "that started from the MLP grid and are kept).",
+       "- **Budget.** The power-5 duplicates run on digits only; the grid runs on 3 seeds.", ""])
+
+  # ------------------------------------------------------------------ tie rule
+  changed = []
+  for s in settings:
+    for m, (ch, _) in a.tuned[s].items():
+      outside = [lr for lr in a.grid[s][m] if lr not in ch.visited]
+      if outside:
+        changed.append((s, m, ch, outside))
+  add(["## Choosing the rate, and the tie rule", "",
+       "Validation results are compared as **integer counts of correct predictions, summed over "
+       "the grid seeds**. The rate with the highest count is chosen; **a tie goes to the smaller "
+       "rate**; a rate with a diverged run ranks below every rate without one. While the chosen "
+       f"rate is the grid's smallest or largest, the grid is extended by a factor 2 past it, at "
+       f"most {study.MAX_EXTEND} times (`select_rate` in `experiments/study.py`, which both the "
+       "study and this report use). Comparing means of float accuracies instead lets rounding "
+       "break exact ties."])
+  if changed:
+    add(["", "Rates that were run but lie outside the grid the rule visits are shown in the "
+         "appendix's grid tables and are never candidates:", ""])
+    for s, m, ch, outside in changed:
+      t = ch.totals
+      top = max(v for v in t.values() if v is not None)
+      tied = [lr for lr, v in t.items() if v == top]
+      counts = ", ".join(f"{lr:g}: {_total(a, s, m, lr)}" for lr in outside)
+      if all(lr < ch.visited[0] for lr in outside):
+        why = "below the initial grid, run by a first pass that started from the MLP's grid"
+      elif len(tied) > 1:
+        why = (f"{' and '.join(f'{lr:g}' for lr in tied)} tie at {top} correct of "
+               f"{len(ch.grid_seeds) * a.config[s]['val_examples']}; an earlier selection "
+               "compared float means, whose rounding broke the tie and extended the grid")
+      else:
+        why = "run by an earlier selection"
+      add([f"- {SHORT_SETTING.get(s, s)}, {LABELS.get(m, m)}: {', '.join(f'{lr:g}' for lr in outside)}"
+           f" ({why}; validation counts there: {counts}). The rule takes {ch.lr:g}."])
+  ties = []
+  for s in settings:
+    for m, (ch, _) in a.tuned[s].items():
+      top = max(v for v in ch.totals.values() if v is not None)
+      tied = [lr for lr, v in ch.totals.items() if v == top]
+      if len(tied) > 1:
+        ties.append(f"{SHORT_SETTING.get(s, s)} {LABELS.get(m, m)} "
+                    f"({' / '.join(f'{lr:g}' for lr in tied)}, {top} correct)")
+  if ties:
+    add(["", "Exact ties at the top, resolved by the rule: " + "; ".join(ties) + "."])
+  add([""])
+
+  # ------------------------------------------------------------------ statistics
+  n_max = max(n_seeds)
+  add(["## Statistics", "",
+       "Each comparison pairs the two methods seed by seed, each at its own chosen rate "
+       "(the reference is SAM at SAM's chosen rate, or the alpha = 0 control at its own). For "
+       "the differences in test accuracy (percentage points, pp) the tables give:", "",
+       "- the mean and its **95% t-interval**;",
+       "- the two-sided **paired t-test p-value**, and **Holm's step-down adjustment** of it "
+       f"within its family: the {len(a.vs_sam)} comparisons against SAM form one family, the "
+       f"{len(a.vs_control)} comparisons of an X-SAM rule against its alpha = 0 control another "
+       "(an adjusted p below 0.05 keeps the family-wise error at 5%);",
+       "- the **minimum detectable difference (MDE)**: the true mean difference that a "
+       "two-sided 5% paired t-test on these seeds would detect with 80% power, if the "
+       "differences spread as observed. It is computed exactly from the noncentral t "
+       f"distribution (at n = {n_max}: {mde_factor(n_max):.3f} standard deviations of the "
+       f"differences; the approximation (t_0.975 + t_0.8) / sqrt(n) gives "
+       f"{_approx_factor(n_max):.3f}). A difference below the MDE can exist and go undetected;",
+       "- **W/T/L**: seeds in which the method's test accuracy is higher than, equal to, or "
+       "lower than the reference's (equal counts are ties, not losses).", "",
+       "lambda_max differences against SAM are given with their intervals only, as "
+       "description: at different chosen rates they mostly compare the rates (see below).", ""])
+
+  # ------------------------------------------------------------------ main tables
+  add(["## Test accuracy against SAM", ""])
+  for s in settings:
+    cells = a.tuned[s]
+    add([f"### {SETTING_LABELS.get(s, s)}", "",
+         "| method | chosen lr | n | val acc (%) | test acc (%) | Δ vs SAM (pp) [95% CI] | "
+         "MDE (pp) | p | Holm p | W/T/L |",
+         "|---|---|---|---|---|---|---|---|---|---|"])
+    for m, (ch, res) in cells.items():
       acc = [100 * r["test_accuracy"] for r in res.values()]
       val = [100 * r["val_accuracy"] for r in res.values()]
-      eig = [r["top_eigenvalue"] for r in res.values()]
-      if sam is None or m == "sam":
-        cmp = ["-", "-", "-", "-"]
+      if (s, m) in a.vs_sam:
+        c = a.vs_sam[s, m]
+        cmp = [_ci(c), f"{c.mde:.2f}", _p(c.p), _p(c.p_holm), _wtl(c)]
       else:
-        d_acc = paired(res, sam[2], "test_accuracy", 100)
-        d_eig = paired(res, sam[2], "top_eigenvalue")
-        wins = sum(d > 0 for d in d_acc)
-        ties = sum(d == 0 for d in d_acc)
-        cmp = [_ci(d_acc, "{:+.2f}"), f"{wins}/{len(d_acc)}" + (f" ({ties} tied)" if ties else ""),
-               _ci(d_eig, "{:+.3g}"), f"{sum(d < 0 for d in d_eig)}/{len(d_eig)}"]
-      lines.append(f"| {LABELS.get(m, m)} | {lr:g}{' (' + note + ')' if note else ''} | "
-                   f"{len(res)} | {_ms(val, '{:.2f}')} | {_ms(acc, '{:.2f}')} | "
-                   f"{_ms(eig, '{:.3g}')} | " + " | ".join(cmp) + " |")
-    # The correction against the run that differs from it only by the correction.
-    rows = [(m, ctl) for m, ctl in CONTROLS.items() if m in t and ctl in t]
-    if rows:
-      lines += ["", "The correction alone: each X-SAM rule against its alpha 0 control, both "
-                "at their own chosen rates (paired by seed, mean [95% t-interval]).", "",
-                "| method | control | Δ test acc (pp) | beats control | Δ lambda_max |",
-                "|---|---|---|---|---|"]
-      for m, ctl in rows:
-        d_acc = paired(t[m][2], t[ctl][2], "test_accuracy", 100)
-        d_eig = paired(t[m][2], t[ctl][2], "top_eigenvalue")
-        lines.append(f"| {LABELS.get(m, m)} | {LABELS.get(ctl, ctl)} | {_ci(d_acc, '{:+.2f}')} | "
-                     f"{sum(d > 0 for d in d_acc)}/{len(d_acc)} | {_ci(d_eig, '{:+.3g}')} |")
+        cmp = ["-"] * 5
+      add([f"| {LABELS.get(m, m)} | {_lr(ch)} | {len(res)} | {_pm(val, '{:.2f}')} | "
+           f"{_pm(acc, '{:.2f}')} | " + " | ".join(cmp) + " |"])
+    add([""])
+  if a.vs_control:
+    add(["## The correction alone: each normalised rule against its alpha = 0 control", "",
+         "Same normalised direction, same grid; the only difference is the eigenvector "
+         "correction (alpha 0.2 against 0). Each at its own chosen rate, paired by seed.", "",
+         "| setting | method | Δ vs control (pp) [95% CI] | MDE (pp) | p | Holm p | W/T/L |",
+         "|---|---|---|---|---|---|---|"])
+    for (s, m), c in a.vs_control.items():
+      add([f"| {SHORT_SETTING.get(s, s)} | {LABELS.get(m, m)} | {_ci(c)} | {c.mde:.2f} | "
+           f"{_p(c.p)} | {_p(c.p_holm)} | {_wtl(c)} |"])
+    add([""])
+
+  # ------------------------------------------------------------------ 5 vs 10 seeds
+  add(["## What the added seeds changed", "",
+       "The same comparisons against SAM on seeds 0-4 only (at the rates chosen above) and on "
+       "every seed: the earlier write-up had 5 seeds.", "",
+       "| setting | method | seeds 0-4: Δ [95% CI] | MDE | Holm p | all seeds: Δ [95% CI] | "
+       "MDE | Holm p |", "|---|---|---|---|---|---|---|---|"])
+  for k, c in a.vs_sam.items():
+    f = a.first5[k]
+    add([f"| {SHORT_SETTING.get(k[0], k[0])} | {LABELS.get(k[1], k[1])} | {_ci(f)} | "
+         f"{f.mde:.2f} | {_p(f.p_holm)} | {_ci(c)} | {c.mde:.2f} | {_p(c.p_holm)} |"])
+  add([""])
+
+  # ------------------------------------------------------------------ lambda_max
+  add(["## lambda_max", "",
+       "At the chosen rate, mean ± sd over the seeds; then the paired difference against SAM "
+       "[95% CI]. 'high edge' / 'low edge': the chosen rate is the largest / smallest of the "
+       "grid the rule visited, so a better rate may lie beyond it.", "",
+       "| method | " + " | ".join(SHORT_SETTING.get(s, s) for s in settings) + " |",
+       "|---|" + "---|" * len(settings)])
+  for m in _order({m for s in settings for m in a.tuned[s]}):
+    cells = []
+    for s in settings:
+      if m not in a.tuned[s]:
+        cells.append("not run")
+        continue
+      ch, res = a.tuned[s][m]
+      cell = f"{_pm([r['top_eigenvalue'] for r in res.values()], '{:.3g}')} (lr {_lr(ch)})"
+      if (s, m) in a.eig_vs_sam:
+        cell += f"; {_ci(a.eig_vs_sam[s, m], '{:+.2g}')}"
+      cells.append(cell)
+    add([f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |"])
+  folds = _folds(a)
+  ranked = sorted(folds, key=folds.get)
+  ranked = ranked[:1] + ranked  # one method alone: it is its own next largest
+  who = lambda k: f"{SHORT_SETTING.get(k[0], k[0])}, {LABELS.get(k[1], k[1])}"
+  sam_cnn = a.grid.get("mnist1d_cnn", {}).get("sam")
+  add(["", "**lambda_max follows the learning rate.** Across the rates each method ran, its mean "
+       "lambda_max over the grid seeds changes by a factor (largest over smallest) of "
+       f"{folds[ranked[0]]:.1f} ({who(ranked[0])}) to {folds[ranked[-1]]:,.0f} "
+       f"({who(ranked[-1])}), median {np.median(list(folds.values())):.0f}; the next largest is "
+       f"{folds[ranked[-2]]:,.0f} ({who(ranked[-2])})"
+       + (f". SAM on the clean CNN: {_grid_mean(sam_cnn, 0.025):.3g} at 0.025, "
+          f"{_grid_mean(sam_cnn, 0.2):.3g} at 0.2" if sam_cnn and 0.025 in sam_cnn
+          and 0.2 in sam_cnn else "")
+       + ". So lambda_max at different chosen rates mostly compares the rates; the equal-rate "
+       "tables in the appendix compare methods at the same rate.", ""])
+
+  # ------------------------------------------------------------------ figures
+  rel = figures
+  add(["## Figures", "",
+       f"![Validation accuracy against the peak rate]({rel}/grid.png)", "",
+       "Validation accuracy against the peak rate, mean over the grid seeds (the seeds on which "
+       "the rate is chosen) with ± 1 sd bars; the ringed point is the chosen rate; hollow "
+       "points are rates outside the grid the rule visits. Left: methods whose step is "
+       "`lr * ||g||`; right: the normalised methods (step `lr`). The axes show the top of the "
+       "curves and the visited grids; lower points, and the CNN's first-pass rates below the "
+       "normalised grid, are in the appendix's tables.", "",
+       f"![Differences against SAM]({rel}/effects.png)", "",
+       "Test-accuracy difference against SAM at the chosen rates, with the 95% interval (bar) "
+       "and ± the MDE around zero (grey band): an interval inside the band is a non-detection "
+       "of anything the study could detect, not evidence of no effect.", "",
+       f"![Test accuracy against lambda_max]({rel}/tuned.png)", "",
+       "Test accuracy against final lambda_max at the chosen rates: one small point per seed, "
+       "a large X for the mean (lambda_max on a log axis).", ""])
+
+  # ------------------------------------------------------------------ conclusions
+  add(["## Conclusions", ""] + conclusions(a) + [""])
+
+  add(["## Changes from the 5-seed version", ""] + changes(a) + [""])
+
+  # ------------------------------------------------------------------ reproduce
+  commands = sorted({r["command"] for r in runs})
+  example = next(r for r in runs if r["setting"] == "digits_mlp" and r["method"] == "sgd")
+  add(["## Reproduce", "",
+       "From scratch (skip-if-exists: an interrupted study resumes where it stopped), then this "
+       "page and the figures:", "", "```bash",
+       "python experiments/study.py --workers 2 --settings digits_mlp mnist1d_cnn "
+       "mnist1d_cnn_noise20 --power-settings digits_mlp --seeds 0 1 2 3 4 5 6 7 8 9",
+       "python experiments/report.py", "```", "",
+       "(From scratch, the rates outside the visited grids listed above are not run.) The "
+       "records on disk were written by these commands, in the records' `command` field:", "",
+       "```bash"] + commands + ["```", "",
+         f"Total training time of the {n_runs} runs: {cpu_hours:.1f} h (the sum of each run's "
+         "own time; one or two worker processes on a shared 2-core CPU). Every record stores `rerun_row_command`, which trains "
+         f"that one run again into `{study.RERUN_OUT}` (another `--out` writes elsewhere; the "
+         "results folder would skip the existing file), e.g.:", "", "```bash",
+         example["rerun_row_command"], "```", "",
+         "`tests/test_study.py` reruns one stored run this way and checks that it reproduces "
+         "the training, validation and test accuracies exactly and the losses to a relative "
+         "1e-6 (XLA:CPU may sum floats in another order).", ""])
+
+  # ------------------------------------------------------------------ appendix
+  add(["## Appendix: the whole grid", ""])
+  for s in settings:
+    by_method = a.grid[s]
     lrs = sorted({lr for by_lr in by_method.values() for lr in by_lr})
-    pairs = [(m, ctl) for m, ctl in (*CONTROLS.items(), ("eigensam", "sam"),
-                                     ("eigensam_pow", "sam"))
+    head = ["| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+            "|---|" + "---|" * len(lrs)]
+    add([f"### {SETTING_LABELS.get(s, s)}", "",
+         f"Correct validation predictions summed over the grid seeds (of "
+         f"{len(_common_seeds(next(iter(by_method.values())))) * a.config[s]['val_examples']}; "
+         "* = chosen, † = outside the grid the rule visits, not a candidate), then mean test "
+         "accuracy (%) and mean lambda_max over the grid seeds:", ""] + head)
+    for m, by_lr in by_method.items():
+      ch = a.tuned[s][m][0]
+      cells = []
+      for lr in lrs:
+        if lr not in by_lr:
+          cells.append("")
+          continue
+        t = _total(a, s, m, lr)
+        cells.append(("diverged" if t is None else str(t))
+                     + ("*" if lr == ch.lr else "" if lr in ch.visited else "†"))
+      add([f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |"])
+    for title, key, scale, fmt in (("mean test accuracy (%)", "test_accuracy", 100, "{:.1f}"),
+                                   ("mean lambda_max", "top_eigenvalue", 1, "{:.3g}")):
+      add(["", f"{title}:", ""] + head)
+      for m, by_lr in by_method.items():
+        seeds = _common_seeds(by_lr)
+        cells = [fmt.format(np.mean([scale * by_lr[lr][k][key] for k in seeds
+                                     if k in by_lr[lr]])) if lr in by_lr else "" for lr in lrs]
+        add([f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |"])
+    pairs = [(m, ctl) for m, ctl in (*CONTROLS.items(), ("xsam_nn", "sam"), ("eigensam", "sam"),
+                                     ("xsam_nn_pow", "sam"), ("eigensam_pow", "sam"))
              if m in by_method and ctl in by_method]
     if pairs:
-      lines += ["", "At equal rates: each method against its control at every rate both ran, "
-                "paired by seed; cell: Δ test acc (pp) / Δ lambda_max relative to the "
-                "control's (%), means over the seeds both have. lambda_max falls steeply "
-                "with the rate (see the grid below), so this separates the method's effect "
-                "from that of its chosen rate.", "",
-                "| method - control | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
-                "|---|" + "---|" * len(lrs)]
+      add(["", "At equal rates: each method against its control at every rate both ran, paired "
+           "by seed; cell: Δ test accuracy (pp) / Δ lambda_max relative to the control's (%), "
+           "means over the seeds both have.", ""] + head)
       for m, ctl in pairs:
         cells = []
         for lr in lrs:
-          a, b = by_method[m].get(lr, {}), by_method[ctl].get(lr, {})
-          seeds = sorted(set(a) & set(b))
-          if not seeds:
+          x, y = by_method[m].get(lr, {}), by_method[ctl].get(lr, {})
+          both = sorted(set(x) & set(y))
+          if not both:
             cells.append("")
             continue
-          d_acc = np.mean([100 * (a[k]["test_accuracy"] - b[k]["test_accuracy"]) for k in seeds])
-          d_eig = np.mean([100 * (a[k]["top_eigenvalue"] / b[k]["top_eigenvalue"] - 1)
-                           for k in seeds])
+          d_acc = np.mean([100 * (x[k]["test_accuracy"] - y[k]["test_accuracy"]) for k in both])
+          d_eig = np.mean([100 * (x[k]["top_eigenvalue"] / y[k]["top_eigenvalue"] - 1)
+                           for k in both])
           cells.append(f"{d_acc:+.1f} / {d_eig:+.0f}%")
-        lines.append(f"| {LABELS.get(m, m)} - {LABELS.get(ctl, ctl)} | " + " | ".join(cells)
-                     + " |")
-    for title, key, scale, fmt in (("mean validation accuracy (%)", "val_accuracy", 100, "{:.1f}"),
-                                   ("mean test accuracy (%)", "test_accuracy", 100, "{:.1f}"),
-                                   ("mean lambda_max", "top_eigenvalue", 1, "{:.3g}")):
-      lines += ["", f"Grid, {title} over the grid's seeds (those every rate of the method "
-                "has, on which the rate is chosen; * = chosen):", "",
-                "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
-                "|---|" + "---|" * len(lrs)]
-      for m, by_lr in by_method.items():
-        cells = []
-        for lr in lrs:
-          if lr not in by_lr:
-            cells.append("")
-            continue
-          common = _common_seeds(by_lr)
-          on_grid = [r for seed, r in by_lr[lr].items() if seed in common]
-          vals = [scale * r[key] for r in on_grid]
-          bad = sum(not r.get("finite", True) for r in on_grid)
-          cell = fmt.format(np.mean(vals)) if not bad else f"diverged {bad}/{len(vals)}"
-          if len(on_grid) < len(common):
-            cell += f" (n={len(on_grid)}, not a candidate)"
-          cells.append(cell + ("*" if lr == t[m][0] else ""))
-        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    lines.append("")
-  lines += ["## All settings (the README's tables)", "", format_readme_tables(runs)]
-  commands = sorted({r["command"] for r in runs})
-  lines += ["## Commands", "", "Produced by:", ""] + [f"    {c}" for c in commands] + [""]
-  return "\n".join(lines)
+        add([f"| {LABELS.get(m, m)} - {LABELS.get(ctl, ctl)} | " + " | ".join(cells) + " |"])
+    add([""])
+  return "\n".join(L).rstrip("\n") + "\n"
 
 
-SHORT_SETTING = {"mnist1d_cnn": "MNIST-1D CNN", "mnist1d_cnn_noise20": "MNIST-1D CNN, 20% noise",
-                 "digits_mlp": "digits MLP"}
+def _approx_factor(n: int) -> float:
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return float((stats.t.ppf(1 - ALPHA / 2, n - 1) + stats.t.ppf(POWER, n - 1)) / np.sqrt(n))
 
 
-def format_readme_tables(runs) -> str:
-  """Two compact tables over settings (the README's): test accuracy and lambda_max at the chosen rates.
+def _total(a: Analysis, s: str, m: str, lr: float):
+  by_lr = a.grid[s][m]
+  seeds = _common_seeds(by_lr)
+  if not set(seeds) <= set(by_lr[lr]):
+    return "incomplete"
+  counts = [_study().correct_count(by_lr[lr][k], a.config[s]["val_examples"]) for k in seeds]
+  return None if None in counts else sum(counts)
 
-  Cells: mean ± std over seeds, the chosen rate, and the paired difference
-  against SAM (mean [95% t-interval], seeds beating SAM).
-  """
-  g = grid(runs)
-  settings = list(g)
-  t = {s: tuned(g[s]) for s in settings}
-  methods = _order({m for s in settings for m in g[s]})
+
+def _grid_mean(by_lr, lr, key="top_eigenvalue"):
+  seeds = _common_seeds(by_lr)
+  return float(np.mean([by_lr[lr][k][key] for k in seeds if k in by_lr[lr]]))
+
+
+def _name(k, with_setting=True) -> str:
+  s, m = k
+  return LABELS.get(m, m) + (f" on {SHORT_SETTING.get(s, s)}" if with_setting else "")
+
+
+def _equal_rate(a: Analysis, s: str, m: str, ref: str, lr: float):
+  """Mean test-accuracy difference (pp) of ``m`` minus ``ref`` at one rate, over the seeds both have."""
+  x, y = a.grid[s][m].get(lr, {}), a.grid[s][ref].get(lr, {})
+  both = sorted(set(x) & set(y))
+  if not both:
+    return None
+  return float(np.mean([100 * (x[k]["test_accuracy"] - y[k]["test_accuracy"]) for k in both])), len(both)
+
+
+def _mde_ranges(comparisons, settings) -> str:
+  by = {s: [c.mde for (s2, _), c in comparisons.items() if s2 == s] for s in settings}
+  return "; ".join(f"{SHORT_SETTING.get(s, s)} {_rng(v, '{:.2f}')} pp" for s, v in by.items() if v)
+
+
+def conclusions(a: Analysis) -> list[str]:
+  """The conclusions, worded from the numbers: a difference is reported as detected only if it
+  survives Holm's correction within its family."""
+  if not a.vs_sam:
+    return ["- No comparison against SAM in these runs."]
   out = []
-  for title, key, scale, fmt, dfmt in (
-      ("Test accuracy (%) at the chosen rate; Δ vs SAM in pp [95% CI], seeds beating SAM",
-       "test_accuracy", 100, "{:.2f}", "{:+.2f}"),
-      ("lambda_max at the chosen rate; Δ vs SAM [95% CI], seeds below SAM",
-       "top_eigenvalue", 1, "{:.3g}", "{:+.2g}")):
-    out += [f"{title}:", "", "| method | " + " | ".join(SHORT_SETTING.get(s, s) for s in settings)
-            + " |", "|---|" + "---|" * len(settings)]
-    for m in methods:
-      cells = []
-      for s in settings:
-        if m not in t[s]:
-          cells.append("not run")
-          continue
-        lr, note, res = t[s][m]
-        vals = [scale * r[key] for r in res.values()]
-        cell = f"{_ms(vals, fmt)} (lr {lr:g}{', ' + note if note else ''})"
-        if m != "sam" and "sam" in t[s]:
-          d = paired(res, t[s]["sam"][2], key, scale)
-          better = sum(x > 0 for x in d) if key == "test_accuracy" else sum(x < 0 for x in d)
-          cell += f"; {_ci(d, dfmt)}, {better}/{len(d)}"
-        cells.append(cell)
-      out.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    out.append("")
-  return "\n".join(out)
+  n = max(len(v) for v in a.seeds.values())
+  settings = list(a.tuned)
+  sig = [k for k, c in a.vs_sam.items() if c.p_holm < ALPHA]
+  rest = [k for k in a.vs_sam if k not in sig]
+  detail = lambda c: f"{_ci(c)} pp, W/T/L {_wtl(c)}, Holm p {_p(c.p_holm)}"
+  out.append(
+      f"- **Against SAM** ({len(a.vs_sam)} comparisons, {n} seeds, Holm's correction): "
+      + (f"{len(sig)} differences are detected: " + "; ".join(
+          f"{_name(k)} {detail(a.vs_sam[k])}" for k in sig) + ". " if sig else
+         "no difference is detected. ")
+      + (f"For the other {len(rest)} no difference is detected; differences smaller than the "
+         f"MDE could not have been: {_mde_ranges({k: a.vs_sam[k] for k in rest}, settings)}."
+         if rest else ""))
+  raw = [k for k in rest if a.vs_sam[k].p < ALPHA]
+  if raw:
+    out.append("  Below 0.05 before the correction only: " + "; ".join(
+        f"{_name(k)} {_ci(a.vs_sam[k])} pp (p {_p(a.vs_sam[k].p)}, Holm {_p(a.vs_sam[k].p_holm)})"
+        for k in raw) + ". Leads, not findings.")
+  if a.vs_control:
+    csig = [k for k, c in a.vs_control.items() if c.p_holm < ALPHA]
+    crest = [k for k in a.vs_control if k not in csig]
+    text = (f"- **The correction itself**: each normalised rule against its alpha = 0 control "
+            f"({len(a.vs_control)} comparisons, Holm). ")
+    if csig:
+      parts = []
+      for k in csig:
+        s, m = k
+        ctl = CONTROLS[m]
+        lr, lr_ctl = a.tuned[s][m][0].lr, a.tuned[s][ctl][0].lr
+        part = f"{_name(k)} {detail(a.vs_control[k])}"
+        if lr != lr_ctl:
+          eq = [(r, _equal_rate(a, s, m, ctl, r)) for r in sorted({lr, lr_ctl})]
+          eq = [(r, e) for r, e in eq if e is not None]
+          part += (f", at rate {lr:g} against the control's {lr_ctl:g}"
+                   + (" (at equal rates, over the grid seeds: " + ", ".join(
+                       f"{e[0]:+.2f} pp at {r:g} (n = {e[1]})" for r, e in eq) + ")" if eq else ""))
+        parts.append(part)
+      text += "Detected: " + "; ".join(parts) + ". "
+      moved = [k for k in csig if a.tuned[k[0]][k[1]][0].lr != a.tuned[k[0]][CONTROLS[k[1]]][0].lr]
+      close = all(abs(e[0]) < 0.5 * abs(a.vs_control[k].mean) for k in moved
+                  for r in {a.tuned[k[0]][k[1]][0].lr, a.tuned[k[0]][CONTROLS[k[1]]][0].lr}
+                  for e in [_equal_rate(a, k[0], k[1], CONTROLS[k[1]], r)] if e is not None)
+      if moved:
+        text += ("The two sides ran at different chosen rates"
+                 + (", and at equal rates they differ by less than half as much: the detected "
+                    "difference may be the rates' rather than the correction's. " if close else
+                    "; the equal-rate differences above separate the two. "))
+    text += ("No effect of the correction is detected for " + ", ".join(
+        _name(k) for k in crest) + f"; MDE {_mde_ranges({k: a.vs_control[k] for k in crest}, settings)}."
+             if crest else "")
+    out.append(text)
+    # Gains over SAM that the control does not separate from the correction.
+    unexplained = [k for k in sig if k[1] in CONTROLS and k in a.vs_control
+                   and a.vs_control[k].p_holm >= ALPHA and (k[0], CONTROLS[k[1]]) in a.vs_sam]
+    if unexplained:
+      out.append("- **Where the detected gains over SAM come from is not resolved.** " + "; ".join(
+          f"{_name(k)}: {_ci(a.vs_sam[k])} pp over SAM, but its alpha = 0 control is "
+          f"{_ci(a.vs_sam[k[0], CONTROLS[k[1]]])} pp over SAM (Holm p "
+          f"{_p(a.vs_sam[k[0], CONTROLS[k[1]]].p_holm)}) and the rule minus the control "
+          f"{_ci(a.vs_control[k])} pp (MDE {a.vs_control[k].mde:.2f})" for k in unexplained)
+          + ". Neither the correction nor the normalised direction alone is shown to cause them.")
+  for title, ms in (("The correction on SAM's own gradient** (`normalize=False`)",
+                     ("xsam_nn", "xsam_nn_pow")),
+                    ("Eigen-SAM**", ("eigensam", "eigensam_pow")),
+                    ("SGD** (against SAM, both tuned)", ("sgd",))):
+    ks = [k for k in a.vs_sam if k[1] in ms]
+    if ks:
+      hits = [k for k in ks if a.vs_sam[k].p_holm < ALPHA]
+      out.append(f"- **{title}: " + ", ".join(
+          f"{_ci(a.vs_sam[k])} pp ({SHORT_SETTING.get(k[0], k[0])}"
+          + (", power 5" if k[1].endswith("_pow") else "") + ")" for k in ks)
+          + (" against SAM; no difference detected." if not hits else
+             f" against SAM; detected: {', '.join(_name(k) for k in hits)}."))
+  out.append(
+      "- **What the study cannot tell.** Small models and data, short training, no CIFAR or "
+      "ResNet (where the paper reports its gains); only the learning rate is tuned (rho, alpha, "
+      "weight decay fixed); rates chosen on 3 seeds and on small validation sets (noisy ones "
+      "under label noise), so a method's chosen rate is itself noisy; power 5 only on digits; "
+      "one kind of label noise. Whether normalised SAM's behaviour survives tuning SAM's "
+      "schedule too (a unit step acts like a rate that grows as the gradient shrinks) is not "
+      "tested.")
+  return out
 
 
-def plot(runs, results_dir: str) -> None:
-  """``grid.png``: validation accuracy against the rate; ``tuned.png``: acc vs lambda_max."""
+def _folds(a: Analysis) -> dict:
+  """``{(setting, method): largest / smallest mean lambda_max over the rates it ran}``."""
+  return {(s, m): fold_range(by_lr, sorted(by_lr)) for s in a.grid
+          for m, by_lr in a.grid[s].items()}
+
+
+def _tied_top(choice: Choice) -> list[float]:
+  top = max(v for v in choice.totals.values() if v is not None)
+  return [lr for lr, v in choice.totals.items() if v == top]
+
+
+def changes(a: Analysis) -> list[str]:
+  """What the earlier (5-seed, float-mean selection) write-up said, against what holds now."""
+  out = []
+  noisy, clean, dig = "mnist1d_cnn_noise20", "mnist1d_cnn", "digits_mlp"
+  x, c, si = (a.vs_sam.get((noisy, m)) for m in ("xsam", "xsam_a0", "xsam_si"))
+  x5, c5, si5 = (a.first5.get((noisy, m)) for m in ("xsam", "xsam_a0", "xsam_si"))
+  if x and c and si:
+    hits = [n for n, k in (("the reference rule", x), ("the control", c),
+                           ("the sign-invariant rule", si)) if k.p_holm < ALPHA]
+    out.append(
+        "- *\"Normalisation is what differs ... on the noisy CNN all three normalised methods "
+        "beat SAM in 5/5 seeds by about 3 pp\"*: on seeds 0-4 the reference rule, the control and "
+        f"the sign-invariant rule were {x5.mean:+.2f}, {c5.mean:+.2f} and {si5.mean:+.2f} pp, "
+        f"Holm p {_p(x5.p_holm)}, {_p(c5.p_holm)}, {_p(si5.p_holm)}. With {x.n} seeds: "
+        f"{x.mean:+.2f}, {c.mean:+.2f}, {si.mean:+.2f} pp, Holm p {_p(x.p_holm)}, "
+        f"{_p(c.p_holm)}, {_p(si.p_holm)}: detected for "
+        + (" and ".join(hits) if hits else "none of them")
+        + (" only; the control carries the normalisation without the correction, so "
+           "normalisation is not shown to be what differs." if c.p_holm >= ALPHA else "."))
+  if a.vs_control:
+    csig = [k for k in a.vs_control if a.vs_control[k].p_holm < ALPHA]
+    moved = [k for k in csig
+             if a.tuned[k[0]][k[1]][0].lr != a.tuned[k[0]][CONTROLS[k[1]]][0].lr]
+    out.append(
+        "- *\"The correction alone does nothing measurable\"*: now \"no effect detected; "
+        "effects below the MDE could not be\", with the MDE of each comparison"
+        + (f"; detected against the control: {', '.join(_name(k) for k in csig)}"
+           + (" (each at a chosen rate other than the control's)" if moved == csig else "") + "."
+           if csig else "."))
+  sic, sic5 = a.vs_sam.get((clean, "xsam_si")), a.first5.get((clean, "xsam_si"))
+  if sic and sic5:
+    out.append(
+        f"- *Sign-invariant rule, clean CNN, \"a lead, not a finding\"*: {sic5.mean:+.2f} pp "
+        f"(Holm p {_p(sic5.p_holm)}) on seeds 0-4, {_ci(sic)} pp (Holm p {_p(sic.p_holm)}) with "
+        f"{sic.n} seeds.")
+  for m in ("xsam_si", "eigensam_pow"):
+    if dig in a.tuned and m in a.tuned[dig]:
+      ch = a.tuned[dig][m][0]
+      tied = _tied_top(ch)
+      outside = [lr for lr in a.grid[dig][m] if lr > ch.visited[-1]]
+      if len(tied) > 1 and outside:
+        out.append(
+            f"- *Digits, {LABELS[m]}: a tie broken by float rounding*: "
+            f"{' and '.join(f'{lr:g}' for lr in tied)} tie at {ch.totals[tied[0]]} correct; "
+            "the earlier selection's rounding broke the tie and extended the grid to "
+            f"{', '.join(f'{lr:g}' for lr in outside)}; the tie rule chooses {ch.lr:g}"
+            + (f" ({ch.note})." if ch.note else ", inside the grid."))
+  folds = _folds(a)
+  out.append(
+      "- *\"lambda_max falls 5- to 25-fold across each grid\"*: it changes by a factor of "
+      f"{min(folds.values()):.1f} to {max(folds.values()):,.0f} (lambda_max section).")
+  out.append(
+      "- Win counts now show ties (W/T/L); the lambda_max table keeps the edge notes; the study "
+      "script's docstring no longer says that runs train together under `jax.vmap` (they run "
+      "one after another); stored rerun commands write to a scratch folder instead of skipping "
+      "the existing result.")
+  return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+# Eleven distinguishable colours (tab10 and black); each method keeps its colour in every figure.
+COLORS = {m: c for m, c in zip(ORDER, ("#1f77b4", "#000000", "#d62728", "#7f7f7f", "#2ca02c",
+                                       "#9467bd", "#ff7f0e", "#e377c2", "#17becf", "#8c564b",
+                                       "#bcbd22"))}
+
+
+def _style(m):
+  return {"color": COLORS.get(m, "k"), "marker": "s" if m.endswith("_pow") else "o",
+          "linestyle": "--" if m.endswith("_pow") else "-"}
+
+
+def _save(fig, path):
+  fig.savefig(path, dpi=100, metadata={"Software": None})
+
+
+def plot(a: Analysis, results_dir: str) -> list[str]:
+  """Writes ``grid.png``, ``effects.png`` and ``tuned.png``; returns their paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top,unused-import
 
-  g = grid(runs)
-  names = _order({r["method"] for r in runs})
-  colors = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
-  n = max(1, len(g))
-  fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5), squeeze=False)
-  for ax, (setting, by_method) in zip(axes[0], g.items()):
-    for m, by_lr in by_method.items():
-      lrs = sorted(by_lr)
-      val = [100 * np.mean([_val(r) for r in by_lr[lr].values()]) for lr in lrs]
-      ax.plot(lrs, val, "o-" if not m.endswith("_pow") else "s--", color=colors[m],
-              label=LABELS.get(m, m), ms=4)
-    ax.set_xscale("log")
-    ax.set_title(SETTING_LABELS.get(setting, setting), fontsize=9)
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("mean validation accuracy (%)")
-    ax.grid(alpha=0.3)
-  axes[0][-1].legend(fontsize=6, loc="best")
+  plt.rcParams.update({"font.size": 8, "svg.hashsalt": "xsam"})
+  settings = list(a.grid)
+  paths = []
+
+  # grid.png: validation accuracy vs rate, grid seeds only, chosen rate ringed.
+  fig, axes = plt.subplots(len(settings), 2, figsize=(11, 3.6 * len(settings)), squeeze=False)
+  for row, s in zip(axes, settings):
+    for col, (ax, group) in enumerate(zip(row, ("plain", "normalised"))):
+      top, plotted, ticks, low = -np.inf, [], set(), np.inf
+      for m, by_lr in a.grid[s].items():
+        if (m in PLAIN) != (group == "plain"):
+          continue
+        ch = a.tuned[s][m][0]
+        seeds = ch.grid_seeds
+        lrs = [lr for lr in sorted(by_lr) if set(seeds) <= set(by_lr[lr])]
+        vals = np.array([[100 * by_lr[lr][k]["val_accuracy"] for k in seeds] for lr in lrs])
+        mean, sd = vals.mean(1), vals.std(1, ddof=1) if len(seeds) > 1 else np.zeros(len(lrs))
+        st = _style(m)
+        ax.errorbar(lrs, mean, yerr=sd, color=st["color"], linestyle=st["linestyle"],
+                    marker=None, capsize=2, lw=1.2, label=f"{LABELS.get(m, m)} (chosen {ch.lr:g})")
+        inside = [i for i, lr in enumerate(lrs) if lr in ch.visited]
+        outside = [i for i, lr in enumerate(lrs) if lr not in ch.visited]
+        ax.plot([lrs[i] for i in inside], mean[inside], st["marker"], color=st["color"], ms=4)
+        if outside:
+          ax.plot([lrs[i] for i in outside], mean[outside], st["marker"], mfc="white",
+                  color=st["color"], ms=5)
+        i = lrs.index(ch.lr)
+        ax.plot([ch.lr], [mean[i]], "o", mfc="none", mec=st["color"], ms=13, mew=2)
+        top = max(top, float(mean.max()))
+        plotted += list(mean)
+        ticks |= set(lrs)
+        low = min(low, ch.visited[0])
+      ax.set_xscale("log")
+      # From the lowest visited grid's start (first-pass runs below it are in the appendix).
+      ax.set_xlim(low / 1.3, max(ticks) * 1.3)
+      ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(
+          sorted(lr for lr in ticks if lr >= low)))
+      ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+      ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+      ax.tick_params(axis="x", labelsize=6)
+      # Show the top of the curves: the floor sits below the lower quartile of the points.
+      span = float(np.clip(2 * (top - np.percentile(plotted, 25)), 3, 12))
+      ax.set_ylim(top - span, top + 0.15 * span)
+      ax.set_title(f"{SETTING_LABELS.get(s, s)}\n"
+                   + ("step lr·|g|" if group == "plain" else "normalised: step lr"), fontsize=8)
+      ax.set_xlabel("peak learning rate")
+      seeds = a.tuned[s][next(iter(a.tuned[s]))][0].grid_seeds
+      ax.set_ylabel(f"validation accuracy (%), seeds {seeds[0]}-{seeds[-1]}")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
-  fig.savefig(os.path.join(results_dir, "grid.png"), dpi=110)
+  paths.append(os.path.join(results_dir, FIGURES[0]))
+  _save(fig, paths[-1])
   plt.close(fig)
 
-  fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5), squeeze=False)
-  for ax, (setting, by_method) in zip(axes[0], g.items()):
-    for m, (_, _, res) in tuned(by_method).items():
-      eig = [r["top_eigenvalue"] for r in res.values()]
+  # effects.png: differences against SAM with intervals and the MDE band.
+  heights = [max(1, sum((s, m) in a.vs_sam for m in a.tuned[s])) for s in settings]
+  fig, axes = plt.subplots(len(settings), 1, figsize=(8, 1.2 + 0.42 * sum(heights)),
+                           squeeze=False, gridspec_kw={"height_ratios": heights})
+  for ax, s in zip(axes[:, 0], settings):
+    ms = [m for m in a.tuned[s] if (s, m) in a.vs_sam]
+    for y, m in enumerate(reversed(ms)):
+      c = a.vs_sam[s, m]
+      ax.fill_between([-c.mde, c.mde], y - 0.35, y + 0.35, color="0.85", lw=0)
+      ax.plot([c.lo, c.hi], [y, y], color=COLORS.get(m, "k"), lw=2)
+      ax.plot([c.mean], [y], _style(m)["marker"], color=COLORS.get(m, "k"), ms=6)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(ms)), [f"{LABELS.get(m, m)}  (Holm p {_p(a.vs_sam[s, m].p_holm)})"
+                                   for m in reversed(ms)], fontsize=7)
+    ax.set_ylim(-0.6, len(ms) - 0.4)
+    ax.set_title(SETTING_LABELS.get(s, s), fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+  axes[-1, 0].set_xlabel("test accuracy minus SAM's (pp): dot = mean, bar = 95% CI, "
+                         "grey = ± MDE (80% power)")
+  fig.tight_layout()
+  paths.append(os.path.join(results_dir, FIGURES[1]))
+  _save(fig, paths[-1])
+  plt.close(fig)
+
+  # tuned.png: test accuracy against lambda_max at the chosen rates.
+  fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4.4), squeeze=False)
+  for ax, s in zip(axes[0], settings):
+    for m, (ch, res) in a.tuned[s].items():
+      eig = [max(r["top_eigenvalue"], 1e-6) for r in res.values()]
       acc = [100 * r["test_accuracy"] for r in res.values()]
-      ax.scatter(eig, acc, color=colors[m], alpha=0.6, s=18,
-                 marker="o" if not m.endswith("_pow") else "s")
-      ax.scatter([np.mean(eig)], [np.mean(acc)], color=colors[m], marker="X", s=110,
-                 edgecolors="black", label=LABELS.get(m, m))
-    ax.set_title(SETTING_LABELS.get(setting, setting) + ": chosen rates, X = mean", fontsize=9)
-    ax.set_xlabel("final lambda_max (Lanczos)")
+      st = _style(m)
+      ax.scatter(eig, acc, color=st["color"], alpha=0.5, s=12, marker=st["marker"], lw=0)
+      ax.scatter([np.exp(np.mean(np.log(eig)))], [np.mean(acc)], color=st["color"], marker="X",
+                 s=90, edgecolors="black", lw=0.6, label=f"{LABELS.get(m, m)} (lr {ch.lr:g})")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_title(SETTING_LABELS.get(s, s) + ": chosen rates, X = mean", fontsize=8)
+    ax.set_xlabel("final lambda_max (Lanczos; X at the geometric mean)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-  axes[0][-1].legend(fontsize=6, loc="best")
+    ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
-  fig.savefig(os.path.join(results_dir, "tuned.png"), dpi=110)
+  paths.append(os.path.join(results_dir, FIGURES[2]))
+  _save(fig, paths[-1])
   plt.close(fig)
+  return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Writes ``summary.md``, ``grid.png`` and ``tuned.png`` next to the JSON."""
+  """Writes the page and the figures; prints the README's three lines."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--results", default=os.path.join("experiments", "results"))
+  p.add_argument("--page", default=os.path.join("docs", "study.md"))
   args = p.parse_args(argv)
   runs = load_runs(args.results)
   if not runs:
     print(f"no run JSON under {args.results}", file=sys.stderr)
     return 1
-  summary = format_summary(runs)
-  with open(os.path.join(args.results, "summary.md"), "w", encoding="utf-8") as f:
-    f.write(summary)
-  plot(runs, args.results)
-  print(summary)
+  a = analyse(runs)
+  os.makedirs(os.path.dirname(os.path.abspath(args.page)), exist_ok=True)
+  with open(args.page, "w", encoding="utf-8") as f:
+    f.write(format_page(a, runs, os.path.relpath(
+        args.results, os.path.dirname(os.path.abspath(args.page))).replace(os.sep, "/")))
+  plot(a, args.results)
+  print(readme_lines(a))
   return 0
 
 

@@ -19,9 +19,19 @@ Speed: the peak learning rate is a runtime value kept in the optimizer state
 (``scale_by_peak_lr``; the cosine schedule is built with peak 1 and the
 update multiplied by the peak afterwards, which is the same update since SGD's
 learning rate multiplies the momentum trace linearly), so one compiled step
-serves every learning rate and seed of a (setting, method), and those runs
-train together under ``jax.vmap``. ``--workers`` splits the (setting, method)
-groups across processes.
+serves every learning rate and seed of a (setting, method); those runs train
+one after another. ``--workers`` splits the (setting, method) groups across
+processes.
+
+Choice of the rate (here, to decide where to extend the grid, and in
+``experiments/report.py``): validation results are compared as integer counts
+of correct predictions summed over the grid seeds; the rate with the highest
+count wins, a tie goes to the smaller rate (:func:`best_rate`). A rate with a
+diverged run ranks below every rate without one.
+
+Rerun: every JSON stores ``rerun_row_command``, the command that trains that
+one run again into ``RERUN_OUT`` (not the results folder, whose existing file
+would be skipped); pass another ``--out`` to write elsewhere.
 
 Data: a fixed validation split (``VALIDATION_FRACTION`` of the training set,
 drawn with ``SPLIT_SEED``) is held out of training. With label noise, a
@@ -119,6 +129,11 @@ SPLIT_SEED = 0
 NOISE_SEED = 1
 
 
+MAX_EXTEND = 3
+GRID_SEEDS = (0, 1, 2)
+RERUN_OUT = os.path.join("/tmp", "xsam-study-rerun")
+
+
 def refreshes(spec: dict[str, Any]) -> bool:
   """Whether the method refreshes an eigenvector that it uses (alpha > 0)."""
   return spec["name"] in ("xsam", "eigensam") and spec.get("alpha", 0.0) > 0
@@ -130,12 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
   add("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
   add("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
   add("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-  add("--grid-seeds", nargs="+", type=int, default=[0, 1, 2],
+  add("--grid-seeds", nargs="+", type=int, default=list(GRID_SEEDS),
       help="seeds that run the whole grid; the other --seeds run at the chosen rate only")
   add("--lrs", nargs="+", type=float, default=None,
       help="run exactly these peak rates for every seed (default: the method's grid, GRIDS, "
            "extended past an edge on which the best validation accuracy sits)")
-  add("--max-extend", type=int, default=3, help="grid extensions past an edge, at most")
+  add("--max-extend", type=int, default=MAX_EXTEND, help="grid extensions past an edge, at most")
   add("--epochs", type=int, default=None, help="override the setting's epochs")
   add("--batch-size", type=int, default=128)
   add("--eig-iters", type=int, default=20, help="Lanczos products of the final lambda_max")
@@ -249,13 +264,15 @@ def run_name(setting: str, method: str, lr: float, seed: int) -> str:
   return f"{setting}__{method}__lr{lr:g}__seed{seed}.json"
 
 
-def _row_argv(args, setting: str, method: str, lr: float, seed: int) -> list[str]:
+def _row_argv(args, setting: str, method: str, lr: float, seed: int,
+              out: str = RERUN_OUT) -> list[str]:
+  """Arguments that train one run again, into ``out`` (by default not the results folder)."""
   argv = ["--settings", setting, "--methods", method, "--lrs", f"{lr:g}", "--seeds", str(seed)]
-  for flag in ("epochs", "batch_size", "eig_iters", "eval_batch_size", "train_size", "out"):
+  for flag in ("epochs", "batch_size", "eig_iters", "eval_batch_size", "train_size"):
     value = getattr(args, flag)
     if value is not None:
       argv += ["--" + flag.replace("_", "-"), str(value)]
-  return argv
+  return argv + ["--out", out]
 
 
 _SETTING_FNS: dict[tuple[str, int], Any] = {}
@@ -448,14 +465,75 @@ class Group:
     return record
 
 
-def _mean_val(out: str, setting: str, method: str, lr: float, seeds) -> float:
-  """Mean final validation accuracy of the runs on disk (diverged: -inf)."""
-  vals = []
+def correct_count(results: dict[str, Any], val_examples: int) -> int | None:
+  """Correct validation predictions of one run (``None`` if it diverged).
+
+  Counts, not accuracies: two rates with equal counts must tie, whatever the
+  float rounding of a mean of accuracies.
+
+  Example:
+    >>> correct_count({"val_accuracy": 265 / 269, "finite": True}, 269)
+    265
+  """
+  acc = results["val_accuracy"]
+  if not results.get("finite", True) or not np.isfinite(acc):
+    return None
+  count = acc * val_examples
+  if abs(count - round(count)) > 1e-3:
+    raise ValueError(f"val_accuracy {acc} is not a count out of {val_examples}")
+  return int(round(count))
+
+
+def best_rate(totals: dict[float, int | None]) -> float:
+  """The tie rule: most correct validation predictions; a tie goes to the smaller rate.
+
+  ``totals[lr]`` is the count summed over the grid seeds, ``None`` if a run at
+  ``lr`` diverged (such a rate ranks below every other).
+
+  Example:
+    >>> best_rate({0.08: 795, 0.16: 795, 0.04: 794})
+    0.08
+  """
+  return min(totals, key=lambda lr: (totals[lr] is None, -(totals[lr] or 0), lr))
+
+
+def select_rate(initial: tuple[float, ...], totals_of, max_extend: int = MAX_EXTEND):
+  """Grid search with extensions: ``(rates visited, chosen rate, still on an edge)``.
+
+  ``totals_of(lrs)`` returns ``{lr: count}`` for the rates (training the
+  missing runs first, in :func:`run_group`; reading them, in the report; a
+  rate it leaves out stops the search). While :func:`best_rate` sits on an
+  edge, the grid is extended by a factor 2 past it, at most ``max_extend``
+  times.
+
+  Example:
+    >>> counts = {0.01: 700, 0.02: 790, 0.04: 795, 0.08: 795, 0.16: 798}
+    >>> select_rate((0.01, 0.02, 0.04), lambda lrs: {lr: counts[lr] for lr in lrs})
+    ([0.01, 0.02, 0.04, 0.08], 0.04, False)
+  """
+  lrs = list(initial)
+  for attempt in range(max_extend + 1):
+    totals = totals_of(lrs)
+    visited = [lr for lr in lrs if lr in totals]
+    best = best_rate({lr: totals[lr] for lr in visited})
+    edge = len(visited) > 1 and best in (visited[0], visited[-1])
+    if not edge or attempt == max_extend or visited != lrs:
+      return visited, best, edge
+    if best == lrs[0]:
+      lrs.insert(0, lrs[0] / 2)
+    else:
+      lrs.append(lrs[-1] * 2)
+  raise AssertionError("unreachable")
+
+
+def _total_correct(out: str, setting: str, method: str, lr: float, seeds) -> int | None:
+  """Correct validation predictions of the runs on disk, summed (``None``: one diverged)."""
+  counts = []
   for s in seeds:
     with open(os.path.join(out, run_name(setting, method, lr, s)), encoding="utf-8") as f:
-      r = json.load(f)["results"]
-    vals.append(r["val_accuracy"] if r["finite"] else -np.inf)
-  return float(np.mean(vals))
+      record = json.load(f)
+    counts.append(correct_count(record["results"], record["config"]["val_examples"]))
+  return None if None in counts else sum(counts)
 
 
 def run_group(args, setting: str, method: str, command: str, environment: dict) -> int:
@@ -463,8 +541,8 @@ def run_group(args, setting: str, method: str, command: str, environment: dict) 
 
   With ``--lrs``: exactly those rates for every seed. Otherwise the method's
   grid on ``--grid-seeds``, extended by a factor 2 beyond an edge while the
-  best mean validation accuracy sits on it (at most ``--max-extend`` times),
-  then the remaining ``--seeds`` at the chosen rate.
+  best rate (:func:`best_rate`) sits on it (at most ``--max-extend`` times,
+  :func:`select_rate`), then the remaining ``--seeds`` at the chosen rate.
   """
   exists = lambda lr, s: os.path.exists(os.path.join(args.out, run_name(setting, method, lr, s)))
   group = None
@@ -484,22 +562,17 @@ def run_group(args, setting: str, method: str, command: str, environment: dict) 
     train(args.lrs, args.seeds)
     return trained
   grid_seeds = [s for s in args.seeds if s in args.grid_seeds] or args.seeds[:1]
-  lrs = list(initial_grid(METHODS[method], setting))
-  for attempt in range(args.max_extend + 1):
+
+  def totals_of(lrs):
     train(lrs, grid_seeds)
-    means = [_mean_val(args.out, setting, method, lr, grid_seeds) for lr in lrs]
-    best = int(np.argmax(means))
-    edge = best in (0, len(lrs) - 1)
-    if not edge or attempt == args.max_extend:
-      break
-    if best == 0:
-      lrs.insert(0, lrs[0] / 2)
-    else:
-      lrs.append(lrs[-1] * 2)
+    return {lr: _total_correct(args.out, setting, method, lr, grid_seeds) for lr in lrs}
+
+  lrs, best, edge = select_rate(initial_grid(METHODS[method], setting), totals_of,
+                                args.max_extend)
   if edge:
-    print(f"{setting} {method}: best rate {lrs[best]:g} still on the grid's edge after "
+    print(f"{setting} {method}: best rate {best:g} still on the grid's edge after "
           f"{args.max_extend} extensions", flush=True)
-  train([lrs[best]], [s for s in args.seeds if s not in grid_seeds])
+  train([best], [s for s in args.seeds if s not in grid_seeds])
   return trained
 
 

@@ -2,8 +2,10 @@
 
 import doctest
 import importlib.util
+import json
 import math
 import os
+import shlex
 import sys
 
 import jax
@@ -115,22 +117,134 @@ def test_split_is_disjoint_noisy_on_train_and_validation_only():
   assert abs(split.noisy_fraction - 0.2) < 0.04
 
 
-def test_choose_and_t_interval():
-  r = lambda v: {"val_accuracy": v, "finite": True}
-  # The chosen rate's extra seeds (3, 4) must not enter the choice.
-  by_lr = {0.1: {0: r(0.50), 1: r(0.52)}, 0.2: {0: r(0.60), 1: r(0.58), 3: r(0.1), 4: r(0.1)},
-           0.4: {0: r(0.55), 1: r(0.57)}}
-  assert report.choose(by_lr) == (0.2, "")
-  # A rate missing a grid seed (an interrupted run) is not a candidate.
-  by_lr[0.8] = {0: r(0.99)}
-  assert report.choose(by_lr) == (0.2, "")
-  assert report.choose({0.1: {0: r(0.5)}, 0.2: {0: r(0.4)}}) == (0.1, "low edge")
-  diverged = {"val_accuracy": 0.9, "finite": False}
-  assert report.choose({0.1: {0: r(0.5)}, 0.2: {0: diverged}}) == (0.1, "low edge")
+def _res(correct, of=100, finite=True):
+  return {"val_accuracy": correct / of, "finite": finite}
+
+
+def test_tie_rule_counts_and_smaller_rate():
+  # Equal counts tie whatever float rounding of a mean of accuracies would say.
+  assert study.best_rate({0.16: 795, 0.08: 795, 0.04: 794}) == 0.08
+  assert study.best_rate({0.1: 10, 0.2: None}) == 0.1  # diverged ranks last
+  assert study.best_rate({0.1: None, 0.2: None}) == 0.1
+  assert study.correct_count(_res(265, 269), 269) == 265
+  assert study.correct_count(_res(265, 269, finite=False), 269) is None
+  with pytest.raises(ValueError, match="not a count"):
+    study.correct_count({"val_accuracy": 0.5012, "finite": True}, 269)
+  # The stored float32 accuracies of digits, sign-invariant rule, seeds 0-2: 795 of 807 correct
+  # at both rates, but the float means differ in the 8th digit and ranked 0.16 first.
+  acc = {0.08: (0.9776951670646667, 0.988847553730011, 0.988847553730011),
+         0.16: (0.9814126491546631, 0.9925650358200073, 0.9814126491546631)}
+  runs = {lr: {k: {"val_accuracy": v, "finite": True} for k, v in enumerate(vals)}
+          for lr, vals in acc.items()}
+  assert np.mean(acc[0.16]) > np.mean(acc[0.08])
+  choice = report.choose(runs, (0.08, 0.16), 269, max_extend=0)
+  assert (choice.lr, choice.totals) == (0.08, {0.08: 795, 0.16: 795})
+
+
+def test_select_rate_extends_only_while_the_rule_sits_on_an_edge():
+  counts = {0.01: 700, 0.02: 790, 0.04: 795, 0.08: 795, 0.16: 798, 0.32: 799}
+  asked = []
+
+  def totals_of(lrs):
+    asked.append(list(lrs))
+    return {lr: counts[lr] for lr in lrs}
+
+  # 0.04 on the edge: extend to 0.08; the tie 0.04 / 0.08 goes to 0.04, inside: stop.
+  assert study.select_rate((0.01, 0.02, 0.04), totals_of) == ([0.01, 0.02, 0.04, 0.08], 0.04,
+                                                              False)
+  assert asked == [[0.01, 0.02, 0.04], [0.01, 0.02, 0.04, 0.08]]
+  # Low edge: extended downwards; after max_extend extensions still on the edge.
+  down = {0.1: 5, 0.2: 4, 0.05: 6, 0.025: 7}
+  assert study.select_rate((0.1, 0.2), lambda lrs: {lr: down[lr] for lr in lrs}, 2) == (
+      [0.025, 0.05, 0.1, 0.2], 0.025, True)
+  # A missing extension stops the search (the report on an incomplete study).
+  assert study.select_rate((0.1, 0.2), lambda lrs: {lr: down[lr] for lr in lrs if lr >= 0.1},
+                           2) == ([0.1, 0.2], 0.1, True)
+
+
+def test_report_replays_the_rule_and_excludes_rates_outside_the_visited_grid():
+  r = lambda c: _res(c, 100)
+  # 0.2 and 0.4 tie; the rule stops at 0.2 (inside), so 0.8, run by an earlier
+  # selection that extended the grid, is no candidate although it scores higher.
+  by_lr = {0.1: {0: r(50), 1: r(52)}, 0.2: {0: r(60), 1: r(58), 3: r(1), 4: r(1)},
+           0.4: {0: r(59), 1: r(59)}, 0.8: {0: r(99), 1: r(99)}}
+  c = report.choose(by_lr, (0.1, 0.2, 0.4), 100)
+  assert (c.lr, c.note, c.visited, c.grid_seeds) == (0.2, "", [0.1, 0.2, 0.4], [0, 1])
+  # The chosen rate's extra seeds (3, 4) do not enter the counts.
+  assert c.totals == {0.1: 102, 0.2: 118, 0.4: 118}
+  # Edge after the extensions allowed: noted.
+  c = report.choose({0.1: {0: r(5)}, 0.2: {0: r(4)}}, (0.1, 0.2), 100, max_extend=0)
+  assert (c.lr, c.note) == (0.1, "low edge")
+  c = report.choose({0.1: {0: r(5)}, 0.2: {0: _res(9, finite=False)}}, (0.1, 0.2), 100, 0)
+  assert c.lr == 0.1
+
+
+def test_statistics_against_independent_oracles():
+  from scipy import stats
+  rng = np.random.default_rng(0)
+  for n in (3, 5, 10):
+    a, b = rng.normal(0.8, 1.0, n), rng.normal(0.0, 1.0, n)
+    assert math.isclose(report.paired_p(a - b), stats.ttest_rel(a, b).pvalue, rel_tol=1e-10)
+    mean, lo, hi = report.t_interval(a - b)
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert math.isclose(lo, ci.low, rel_tol=1e-10) and math.isclose(hi, ci.high, rel_tol=1e-10)
   d = [1.0, 2.0, 3.0, 4.0, 5.0]
   mean, lo, hi = report.t_interval(d)
   half = 2.7764451051977987 * np.std(d, ddof=1) / math.sqrt(5)  # t_{0.975, 4}
   assert mean == 3.0 and math.isclose(hi - mean, half) and math.isclose(mean - lo, half)
+  # Holm by hand: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04;
+  # running maximum 0.02, 0.03, 0.06, 0.06; back in input order. Capped at 1.
+  assert report.holm([0.01, 0.04, 0.03, 0.005]) == [0.03, 0.06, 0.06, 0.02]
+  assert report.holm([0.5, 0.2, 0.01]) == [0.5, 0.4, 0.03]  # 0.5 x 1 kept: no cap needed
+  assert report.holm([0.7, 0.6, 0.01]) == [1.0, 1.0, 0.03]  # 0.6 x 2 capped at 1
+  assert report.holm([0.04]) == [0.04]
+
+
+def test_minimum_detectable_difference_has_the_stated_power():
+  """Simulated paired t-tests at the MDE reject in 80% of trials (Monte Carlo oracle)."""
+  from scipy import stats
+  rng = np.random.default_rng(1)
+  for n in (5, 10):
+    delta = report.mde_factor(n)  # sd 1
+    d = rng.normal(delta, 1.0, (200_000, n))
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    power = np.mean(np.abs(t) > stats.t.ppf(0.975, n - 1))
+    assert abs(power - 0.8) < 0.005, (n, power)
+    approx = (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) / math.sqrt(n)
+    assert approx < delta < 1.05 * approx
+  assert math.isclose(report.mde([1.0, 2.0, 4.0]), report.mde_factor(3) * np.std([1, 2, 4], ddof=1))
+
+
+def test_stored_run_reproduces_its_accuracies(tmp_path):
+  """A stored record's rerun_row_command, sent to another folder, retrains it to the same numbers."""
+  name = "digits_mlp__sgd__lr0.1__seed0.json"
+  with open(os.path.join(ROOT, "experiments", "results", name), encoding="utf-8") as f:
+    stored = json.load(f)
+  argv = shlex.split(stored["rerun_row_command"])
+  assert argv[:2] == ["python", "experiments/study.py"]
+  assert argv[argv.index("--out") + 1] == study.RERUN_OUT  # not the results folder
+  argv[argv.index("--out") + 1] = str(tmp_path)
+  # Fewer Lanczos products for the final lambda_max (compiled unrolled: the slow part); training
+  # does not depend on them.
+  assert study.main(argv[2:] + ["--cache-dir", "", "--eig-iters", "2"]) == 0
+  with open(tmp_path / name, encoding="utf-8") as f:
+    rerun = json.load(f)
+  for key in ("val_accuracy", "test_accuracy", "train_accuracy"):
+    assert rerun["results"][key] == stored["results"][key], key
+  for key in ("val_loss", "test_loss", "train_loss", "final_grad_norm"):
+    assert math.isclose(rerun["results"][key], stored["results"][key], rel_tol=1e-6), key
+
+
+def test_committed_page_is_what_the_report_writes(tmp_path):
+  """docs/study.md is regenerated from the stored runs, not edited by hand."""
+  page = tmp_path / "study.md"
+  runs = report.load_runs(os.path.join(ROOT, "experiments", "results"))
+  a = report.analyse(runs)
+  with open(os.path.join(ROOT, "docs", "study.md"), encoding="utf-8") as f:
+    assert f.read() == report.format_page(a, runs)
+  # Every cell has 10 seeds at its chosen rate.
+  assert {len(s) for s in a.seeds.values()} == {10}
+  del page
 
 
 def test_quick_study_and_report(tmp_path, capsys):
@@ -146,13 +260,12 @@ def test_quick_study_and_report(tmp_path, capsys):
     assert set(grid) <= set(seeds[0])  # the whole grid on the grid seed
     assert len(seeds[0]) <= len(grid) + 1  # at most one extension (--max-extend 1)
     assert len(seeds[1]) == 1  # the other seed at the chosen rate only
-    chosen, _ = report.choose({lr: {0: next(
-        r["results"] for r in runs if r["method"] == method and r["seed"] == 0
-        and r["peak_lr"] == lr)} for lr in seeds[0]})
+    chosen = report.tuned(runs)["digits_mlp"][method][0].lr
     assert seeds[1] == [chosen]
   for run in runs:
     assert run["command"] == "python experiments/study.py --quick --out " + out + " --cache-dir ''"
     assert f"--lrs {run['peak_lr']:g} --seeds {run['seed']}" in run["rerun_row_command"]
+    assert run["rerun_row_command"].endswith("--out " + study.RERUN_OUT)
     results = run["results"]
     for field in ("val_accuracy", "test_accuracy", "top_eigenvalue", "final_grad_norm"):
       assert np.isfinite(results[field]), (run["method"], field)
@@ -167,12 +280,19 @@ def test_quick_study_and_report(tmp_path, capsys):
   assert {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)} == before
 
   capsys.readouterr()
-  assert report.main(["--results", out]) == 0
-  summary = open(os.path.join(out, "summary.md"), encoding="utf-8").read()
-  assert "| SGD | " in summary and "| X-SAM reference (normalised) | " in summary
-  assert "python experiments/study.py --quick" in summary
-  for figure in ("grid.png", "tuned.png"):
-    assert os.path.getsize(os.path.join(out, figure)) > 1000
+  page = str(tmp_path / "docs" / "study.md")
+  assert report.main(["--results", out, "--page", page]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 3 and "[docs/study.md](docs/study.md)" in lines[2]
+  text = open(page, encoding="utf-8").read()
+  assert "| SGD | " in text and "| X-SAM reference (normalised) | " in text
+  assert "](../results/grid.png)" in text  # figures by relative path from the page
+  figures = {f: open(os.path.join(out, f), "rb").read() for f in report.FIGURES}
+  assert all(len(b) > 1000 for b in figures.values())
+  # Regenerating gives the same page and the same bytes.
+  assert report.main(["--results", out, "--page", page]) == 0
+  assert open(page, encoding="utf-8").read() == text
+  assert {f: open(os.path.join(out, f), "rb").read() for f in report.FIGURES} == figures
 
 
 @pytest.mark.parametrize("module", [study, report], ids=["study", "report"])
