@@ -6,6 +6,7 @@ Build (warnings are errors, as in tests/test_docs.py)::
 """
 
 import os
+import shutil
 import sys
 
 from docutils import nodes
@@ -32,6 +33,10 @@ templates_path = ["_templates"]
 exclude_patterns = ["_build"]
 
 autosummary_generate = True
+# autosummary writes a page per listed name and never deletes one: start from
+# nothing, so that a name which left the API leaves no stale page behind.
+shutil.rmtree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_autosummary"),
+              ignore_errors=True)
 autodoc_typehints = "none"  # the docstrings' Args say what each argument is
 autodoc_member_order = "bysource"
 napoleon_google_docstring = True
