@@ -91,6 +91,87 @@ def test_a_registered_pytree_class_gets_the_update_of_the_same_leaves_in_a_dict(
   assert_leaves_close(class_state, dict_state)
 
 
+# ------------------------------------------------------- 2. integer leaves
+
+
+def with_counter(params):
+  """``params`` plus the leaves a user keeps beside the weights."""
+  return {**params, "step": jnp.asarray(7, jnp.int32),
+          "frozen": jnp.asarray(True)}
+
+
+def counter_loss(p):
+  # The integer leaves are read, as a user's step counter would be.
+  return loss(p["w"], p["b"]) * (1.0 + 0.0 * p["step"]) + 0.0 * p["frozen"]
+
+
+COUNTER_GRAD_FN = jax.grad(counter_loss, allow_int=True)  # float0 for ints
+PIECES = {  # the ascents without a base optimizer: their own output
+    "sam_ascent": lambda: xsam_optax.sam_ascent(RHO),
+    "sam_ascent+correction": lambda: optax.chain(
+        xsam_optax.sam_ascent(RHO, adaptive=True),
+        xsam_optax.eigenvector_correction(ALPHA, num_iters=2,
+                                          method="lanczos")),
+    "eigen_sam_ascent": lambda: xsam_optax.eigen_sam_ascent(
+        RHO, ALPHA, update_every=1, num_iters=2),
+}
+
+
+@pytest.mark.parametrize("name", PIECES)
+def test_integer_leaves_pass_through_and_the_float_leaves_get_their_own_update(
+    name):
+  # Oracle: the same tree without the integer leaves.
+  params = with_counter(PARAMS)
+  curvature_fn = (xsam_optax.finite_difference_fn(COUNTER_GRAD_FN)
+                  if "correction" in name else None)
+  updates, state = run(PIECES[name](), params, COUNTER_GRAD_FN,
+                       check_incoming=True,
+                       **({"curvature_fn": curvature_fn} if curvature_fn
+                          else {}))
+  plain_curvature = (xsam_optax.finite_difference_fn(GRAD_FN)
+                     if curvature_fn else None)
+  want, want_state = run(PIECES[name](), PARAMS, GRAD_FN, check_incoming=True,
+                         **({"curvature_fn": plain_curvature}
+                            if plain_curvature else {}))
+  for key in ("step", "frozen"):  # the incoming float0 gradients, as they came
+    assert updates[key].dtype == jax.dtypes.float0
+  assert_leaves_close({k: updates[k] for k in PARAMS}, want)
+  eigenvector = optax.tree.get(state, "eigenvector")
+  if eigenvector is not None:
+    assert eigenvector["step"] is None and eigenvector["frozen"] is None
+    assert_leaves_close(state, want_state)
+
+
+def test_integer_leaves_with_zero_gradients_train_as_with_plain_optax():
+  # Plain optax accepts a zero gradient of the leaf's own dtype; so must
+  # xsam(...), leaving the counter where it was.
+  params = with_counter(PARAMS)
+
+  def grad_fn(p):
+    return jax.tree.map(
+        lambda g, x: jnp.zeros_like(x) if g.dtype == jax.dtypes.float0 else g,
+        COUNTER_GRAD_FN(p), p)
+
+  def train(params, grad_fn):
+    tx = xsam_optax.xsam(optax.sgd(LR, momentum=0.9), rho=RHO, alpha=ALPHA)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+      updates, state = tx.update(grad_fn(params), state, params,
+                                 grad_fn=grad_fn)
+      return optax.apply_updates(params, updates), state
+
+    for _ in range(3):
+      params, state = step(params, state)
+    return params
+
+  trained = train(params, grad_fn)
+  assert int(trained["step"]) == 7 and bool(trained["frozen"]) is True
+  assert trained["step"].dtype == jnp.int32
+  assert_leaves_close({k: trained[k] for k in PARAMS}, train(PARAMS, GRAD_FN))
+
+
 # ------------------------------------------------- 3. a user's estimator
 
 

@@ -83,7 +83,11 @@ def xsam(
   with :func:`accumulated_grad_fn` as ``grad_fn``, not with
   ``optax.MultiSteps``. With Flax Linen use
   :class:`xsam_optax.flax_utils.TrainState`, whose ``apply_gradients``
-  forwards ``grad_fn``.
+  forwards ``grad_fn``. Integer and boolean leaves of the parameters (a step
+  counter) are left alone: their incoming updates pass through unchanged
+  (``float0`` from ``jax.grad(..., allow_int=True)`` or zeros), and the
+  perturbation, the eigenvector, the norms and the correction use the float
+  leaves only.
 
   Args:
     optimizer: the base optimizer (the paper: SGD with momentum 0.9).

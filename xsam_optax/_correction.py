@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_optax import _float_leaves
 from xsam_optax import _tracking
 from xsam_optax import _tree
 from xsam_optax import _validation
@@ -199,4 +200,5 @@ def eigenvector_correction(
                              normalize=normalize)
     return corrected, _tracking.next_state(state, estimate, cos)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _float_leaves.on_float_leaves(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn))

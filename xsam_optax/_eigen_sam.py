@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_optax import _float_leaves
 from xsam_optax import _ascent
 from xsam_optax import _tracking
 from xsam_optax import _tree
@@ -106,4 +107,5 @@ def eigen_sam_ascent(
     return adv_grads, _tracking.next_state(
         state, (eigenvector, eigenvalue, residual), cos)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _float_leaves.on_float_leaves(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn))

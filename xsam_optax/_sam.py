@@ -5,6 +5,7 @@ from typing import Union
 import jax
 import optax
 
+from xsam_optax import _float_leaves
 from xsam_optax import _ascent
 from xsam_optax import _tree
 from xsam_optax import _validation
@@ -94,4 +95,5 @@ def sam_ascent(
     return _ascent.sam_gradient(grad_fn, perturbed, params, batch_axis_name,
                                 owner="sam_ascent"), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _float_leaves.on_float_leaves(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn))

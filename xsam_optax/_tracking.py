@@ -128,7 +128,8 @@ class EigenvectorState(NamedTuple):
   Attributes:
     count: int32, number of ``update`` calls so far.
     eigenvector: unit-norm estimate of the Hessian's top eigenvector, a pytree
-      like the parameters (same dtypes).
+      like the parameters (same dtypes; ``None`` at integer leaves, which are
+      no direction of the loss).
     eigenvalue: the top-eigenvalue estimate of the last refresh (0 before the
       first). With ``method="lanczos"`` it is the Ritz value of
       ``eigenvector`` itself. With ``method="power"`` it is the Rayleigh
