@@ -206,3 +206,87 @@ def test_a_method_returning_a_tuple_is_told_what_to_return():
   assert str(info.value).startswith(
       "method must return an xsam_optax.EigenResult(eigenvalue, eigenvector, "
       "residual, num_matvecs), got a tuple of length 4.")
+
+
+# ------------------------------ 6. hyperparameters injected at run time
+
+
+def _injected_xsam(**hyperparams):
+  tx = optax.inject_hyperparams(
+      xsam_optax.xsam, static_args=("update_every", "num_iters", "seed"))(
+          optax.sgd(LR), rho=RHO, alpha=ALPHA, num_iters=2)
+  state = tx.init(PARAMS)
+  for name, value in hyperparams.items():
+    state.hyperparams[name] = jnp.float32(value)
+  return tx, state
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_injected_alpha_removes_nothing(bad):
+  tx, state = _injected_xsam(alpha=bad)
+  g = GRAD_FN(PARAMS)
+  updates, state = jax.jit(lambda s: tx.update(g, s, PARAMS,
+                                               grad_fn=GRAD_FN))(state)
+  g_adv = GRAD_FN(jax.tree.map(
+      lambda p, x: p + np.float32(RHO / np.linalg.norm(flat(g))) * x,
+      PARAMS, g))
+  v = state.inner_state[1].eigenvector
+  # alpha acts as 0: the normalised SAM gradient, nothing along v removed.
+  np.testing.assert_allclose(flat(updates),
+                             -LR * oracle_correct(g_adv, v, 0.0),
+                             rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_a_non_finite_injected_rho_gives_the_gradient_at_params(bad):
+  g = GRAD_FN(PARAMS)
+  tx, state = _injected_xsam(rho=bad)
+  updates, state = jax.jit(lambda s: tx.update(g, s, PARAMS,
+                                               grad_fn=GRAD_FN))(state)
+  v = state.inner_state[1].eigenvector
+  np.testing.assert_allclose(flat(updates), -LR * oracle_correct(g, v, ALPHA),
+                             rtol=1e-5, atol=1e-7)
+  ascent = optax.inject_hyperparams(xsam_optax.sam_ascent)(rho=RHO)
+  state = ascent.init(PARAMS)
+  state.hyperparams["rho"] = jnp.float32(bad)
+  updates, _ = ascent.update(g, state, PARAMS, grad_fn=GRAD_FN)
+  np.testing.assert_allclose(flat(updates), flat(g), rtol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["rho", "alpha"])
+def test_a_non_finite_injected_eigen_sam_setting_acts_as_zero(which):
+  g = GRAD_FN(PARAMS)
+  tx = optax.inject_hyperparams(
+      xsam_optax.eigen_sam_ascent,
+      static_args=("update_every", "num_iters", "seed"))(
+          RHO, ALPHA, update_every=1, num_iters=2)
+  state = tx.init(PARAMS)
+  state.hyperparams[which] = jnp.float32(np.nan)
+  updates, _ = tx.update(g, state, PARAMS, grad_fn=GRAD_FN)
+  # alpha -> 0 is plain SAM; rho -> 0 is the gradient at params.
+  point = (PARAMS if which == "rho" else jax.tree.map(
+      lambda p, x: p + np.float32(RHO / np.linalg.norm(flat(g))) * x,
+      PARAMS, g))
+  np.testing.assert_allclose(flat(updates), flat(GRAD_FN(point)), rtol=1e-5,
+                             atol=1e-7)
+
+
+def test_a_callable_rule_read_as_a_schedule_is_told_to_be_static():
+  # optax.inject_hyperparams calls every callable argument with the step
+  # count. A rule that survives the call (a default for alpha) returns an
+  # array, which xsam then gets as its rule.
+  rule = lambda cos, alpha=0.5: alpha * cos
+  with pytest.raises(ValueError) as info:
+    optax.inject_hyperparams(
+        xsam_optax.xsam, static_args=("update_every", "num_iters", "seed"))(
+            optax.sgd(LR), rule=rule).init(PARAMS)
+  assert "name a callable rule in static_args, e.g. static_args=('rule',)" in (
+      str(info.value))
+  # Doing what it says works, and equals the named rule it restates.
+  static = ("update_every", "num_iters", "seed", "rule", "method")
+  injected = optax.inject_hyperparams(xsam_optax.xsam, static_args=static)(
+      optax.sgd(LR), rho=RHO, alpha=ALPHA, rule=rule, method=_power_2)
+  named = xsam_optax.xsam(optax.sgd(LR), rho=RHO, alpha=ALPHA,
+                          rule="sign_invariant", num_iters=2)
+  assert_leaves_close(run(injected, PARAMS, GRAD_FN)[0],
+                      run(named, PARAMS, GRAD_FN)[0])

@@ -101,7 +101,10 @@ def xsam(
       ``(matvec, v0) -> EigenResult``.
     rule: the correction rule: ``"reference"`` (the paper's),
       ``"sign_invariant"`` or a callable ``(cos, alpha) -> coefficient``
-      (see :func:`eigenvector_correction`).
+      (see :func:`eigenvector_correction`). With
+      :func:`optax.inject_hyperparams`, name a callable ``method`` or
+      ``rule`` in ``static_args``: it calls every other callable argument
+      with the step count, as a schedule.
     normalize: drop the gradient magnitude before the base optimizer.
     adaptive: ASAM neighbourhood.
     seed: seed of the initial eigenvector.

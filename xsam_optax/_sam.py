@@ -51,6 +51,15 @@ def sam_ascent(
   never NaN. ``optax.apply_if_finite`` cannot catch this case, since the
   incoming gradient is finite.
 
+  **Integer leaves** of ``params`` (a step counter) are no direction of the
+  loss: their incoming updates pass through unchanged, and the perturbation
+  and its norm use the float leaves.
+
+  **rho set at run time.** A ``rho`` array (``optax.inject_hyperparams``,
+  or a value changed in its state while training) is not checked; a NaN or
+  infinite one acts as 0, so the base optimizer gets the gradient at
+  ``params`` itself.
+
   Args:
     rho: radius of the neighbourhood (``>= 0``).
     adaptive: ASAM's scale-invariant neighbourhood.
