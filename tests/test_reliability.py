@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import xsam_optax
-from _oracles import flat, oracle_correct
+from _oracles import Counted, flat, oracle_correct
 from xsam_optax.train import cli
 from xsam_optax.train import report
 
@@ -208,6 +208,30 @@ def test_a_method_returning_a_tuple_is_told_what_to_return():
       "residual, num_matvecs), got a tuple of length 4.")
 
 
+# ----------------------- 5. the results table survives a failed write
+
+
+def test_the_table_is_printed_before_writing_files_can_fail(monkeypatch,
+                                                            tmp_path):
+  def full_disk(path, metrics):
+    raise OSError(28, "No space left on device", path)
+
+  monkeypatch.setattr(report, "write_metrics", full_disk)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), pytest.raises(OSError,
+                                                      match="No space"):
+    cli.main(["--optimizer", "sgd", "--dataset", "mnist1d", "--model", "mlp",
+              "--train-size", "64", "--batch-size", "64", "--epochs", "1",
+              "--eig-iters", "2", "--eval-batch-size", "64", "--no-progress",
+              "--out", str(tmp_path)])
+  lines = out.getvalue().splitlines()
+  header = next(i for i, line in enumerate(lines)
+                if line.startswith("optimizer"))
+  assert lines[header].split()[:3] == ["optimizer", "test", "acc"]
+  assert lines[header + 1].split()[0] == "sgd"
+  assert not (tmp_path / "metrics.json").exists()
+
+
 # ------------------------------ 6. hyperparameters injected at run time
 
 
@@ -290,3 +314,15 @@ def test_a_callable_rule_read_as_a_schedule_is_told_to_be_static():
                           rule="sign_invariant", num_iters=2)
   assert_leaves_close(run(injected, PARAMS, GRAD_FN)[0],
                       run(named, PARAMS, GRAD_FN)[0])
+
+
+# ------------------------- 7. the composition check is opt-in: what it costs
+
+
+@pytest.mark.parametrize("check, calls", [(False, 1), (True, 2)])
+def test_sam_ascent_evaluates_grad_fn_at_params_only_when_asked(check, calls):
+  counted = Counted(GRAD_FN)
+  tx = xsam_optax.sam_ascent(RHO)
+  tx.update(GRAD_FN(PARAMS), tx.init(PARAMS), PARAMS, grad_fn=counted,
+            check_incoming=check)
+  assert counted.calls == calls

@@ -41,10 +41,14 @@ def sam_ascent(
   transforms after it, in the base optimizer:
   ``optax.chain(sam_ascent(0.05), optax.clip_by_global_norm(1.0),
   optax.sgd(0.1))``. ``update(..., check_incoming=True)`` verifies that the
-  incoming gradient is ``grad_fn(params)`` and raises otherwise; it costs one
-  more gradient (under ``jax.jit``, XLA can merge it with your own
-  ``grad_fn(params)``), and also catches ``optax.MultiSteps`` around the
-  ascent (accumulate with :func:`accumulated_grad_fn` instead).
+  incoming gradient is ``grad_fn(params)`` and raises otherwise, and also
+  catches ``optax.MultiSteps`` around the ascent (accumulate with
+  :func:`accumulated_grad_fn` instead). It is off by default because it is
+  not free: it evaluates ``grad_fn(params)`` once more, which XLA merges with
+  your own only when, in the same jitted step, the incoming gradient is
+  ``grad_fn(params)`` itself (not a ``value_and_grad`` of another function),
+  and under ``jax.jit`` it reports through a host callback on every step.
+  Turn it on while setting up a training loop, or for a few steps.
 
   **A loss not finite at the SAM point** (finite at :math:`\theta`, not at
   :math:`\theta + \epsilon`) gives a zero gradient to the base optimizer,
