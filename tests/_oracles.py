@@ -80,3 +80,14 @@ def conv_problem(seed=0, n=8, dtype=jnp.float64):
     return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], axis=1))
 
   return params, loss, (x, y)
+
+
+class Counted:
+  """``grad_fn`` that counts its calls: each call is one gradient."""
+
+  def __init__(self, grad_fn):
+    self.grad_fn, self.calls = grad_fn, 0
+
+  def __call__(self, params):
+    self.calls += 1
+    return self.grad_fn(params)

@@ -83,7 +83,11 @@ def xsam(
   with :func:`accumulated_grad_fn` as ``grad_fn``, not with
   ``optax.MultiSteps``. With Flax Linen use
   :class:`xsam_optax.flax_utils.TrainState`, whose ``apply_gradients``
-  forwards ``grad_fn``.
+  forwards ``grad_fn``. Integer and boolean leaves of the parameters (a step
+  counter) are left alone: their incoming updates pass through unchanged
+  (``float0`` from ``jax.grad(..., allow_int=True)`` or zeros), and the
+  perturbation, the eigenvector, the norms and the correction use the float
+  leaves only.
 
   Args:
     optimizer: the base optimizer (the paper: SGD with momentum 0.9).
@@ -97,7 +101,10 @@ def xsam(
       ``(matvec, v0) -> EigenResult``.
     rule: the correction rule: ``"reference"`` (the paper's),
       ``"sign_invariant"`` or a callable ``(cos, alpha) -> coefficient``
-      (see :func:`eigenvector_correction`).
+      (see :func:`eigenvector_correction`). With
+      :func:`optax.inject_hyperparams`, name a callable ``method`` or
+      ``rule`` in ``static_args``: it calls every other callable argument
+      with the step count, as a schedule.
     normalize: drop the gradient magnitude before the base optimizer.
     adaptive: ASAM neighbourhood.
     seed: seed of the initial eigenvector.

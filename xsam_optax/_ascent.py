@@ -65,8 +65,10 @@ def sam_point(updates: _tree.PyTree, params: _tree.PyTree, rho, adaptive: bool) 
   """``params + eps``: SAM's worst-case point for the gradient ``updates``.
 
   ``eps = rho g / ||g||``; with ``adaptive`` (ASAM) the ball is scaled by
-  ``|params|``: ``eps = rho T^2 g / ||T g||``, ``T = |params|``.
+  ``|params|``: ``eps = rho T^2 g / ||T g||``, ``T = |params|``. A NaN or
+  infinite ``rho`` array acts as 0: the point is ``params``.
   """
+  rho = _validation.finite_or_zero(rho)
   if adaptive:
     scaled = jax.tree.map(lambda g, w: g * jnp.abs(w), updates, params)
     direction, _ = _tree.safe_normalize(scaled)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_optax import _float_leaves
 from xsam_optax import _tracking
 from xsam_optax import _tree
 from xsam_optax import _validation
@@ -49,6 +50,9 @@ def correct(updates: _tree.PyTree, eigenvector: _tree.PyTree, alpha, *,
     raise ValueError(
         "rule must return a scalar coefficient of the eigenvector, got shape "
         f"{coefficient.shape}.")
+  # A NaN alpha set at run time (optax.inject_hyperparams), or a rule's
+  # non-finite coefficient, removes nothing rather than poisoning the update.
+  coefficient = jnp.where(jnp.isfinite(coefficient), coefficient, 0.0)
   corrected = _tree.add_scaled(unit, -coefficient, eigenvector)
   if not normalize:
     corrected = jax.tree.map(
@@ -116,10 +120,16 @@ def eigenvector_correction(
   ``(matvec, v0) -> EigenResult`` works as ``method`` too, e.g.
   ``functools.partial(xsam_optax.power_iteration, num_iters=3, tol=1e-3)``
   or one of your own: it gets the (batch-averaged) curvature product and the
-  stored eigenvector, and must return one eigenpair with a finite residual
-  (a non-finite eigenvalue or residual keeps the previous eigenvector). The
-  Performance page of the manual (docs/performance.md) compares the
-  estimators' cost and quality.
+  stored eigenvector, and must return one eigenpair as an
+  :class:`EigenResult` with a finite residual (a non-finite eigenvalue or
+  residual, or a zero or non-finite vector, keeps the previous eigenvector);
+  its eigenvector is normalised before it is stored. The Performance page of
+  the manual (docs/performance.md) compares the estimators' cost and quality.
+
+  **alpha set at run time.** An ``alpha`` array (``optax.inject_hyperparams``)
+  is not checked; a NaN or infinite one, like a callable ``rule``'s
+  non-finite coefficient, removes nothing: the update is :math:`\hat g`
+  (:math:`g` with ``normalize=False``).
 
   **Periodic refreshes: choose them on the host.** With ``update_every > 1``
   and without ``refresh``, ``update`` refreshes under ``lax.cond`` on the
@@ -149,7 +159,8 @@ def eigenvector_correction(
       ``method`` in ``static_args``).
     rule: ``"reference"`` (:math:`\alpha |c|`), ``"sign_invariant"``
       (:math:`\alpha c`) or a callable ``(cos, alpha) -> coefficient`` of
-      :math:`v` to remove.
+      :math:`v` to remove (name a callable in ``static_args`` of
+      :func:`optax.inject_hyperparams`, as for ``method``).
     normalize: drop the gradient's magnitude, as the reference does.
     seed: seed of the initial random eigenvector.
     batch_axis_name: mapped axis over which to average the curvature
@@ -200,4 +211,5 @@ def eigenvector_correction(
                              normalize=normalize)
     return corrected, _tracking.next_state(state, estimate, cos)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _float_leaves.on_float_leaves(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn))

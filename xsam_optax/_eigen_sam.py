@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xsam_optax import _float_leaves
 from xsam_optax import _ascent
 from xsam_optax import _tracking
 from xsam_optax import _tree
@@ -39,7 +40,10 @@ def eigen_sam_ascent(
   :func:`sam_ascent` it replaces the gradient by one computed with
   ``grad_fn`` (put clipping and weight decay after it, in the base
   optimizer; ``update(..., check_incoming=True)`` checks the placement), and
-  a gradient that is not finite at the SAM point becomes zeros.
+  a gradient that is not finite at the SAM point becomes zeros. ``rho`` and
+  ``alpha`` given as arrays (``optax.inject_hyperparams``) are not checked;
+  a NaN or infinite one acts as 0 (``alpha``: plain SAM; ``rho``: the
+  gradient at ``params``).
 
   Args:
     rho: radius of the neighbourhood (``>= 0``).
@@ -48,7 +52,8 @@ def eigen_sam_ascent(
     num_iters: products per refresh of a named ``method``; leave it at its
       default with a callable ``method``.
     method: ``"power"``, ``"lanczos"`` or a callable ``(matvec, v0) ->
-      EigenResult`` (see :func:`eigenvector_correction`).
+      EigenResult`` (see :func:`eigenvector_correction`; with
+      :func:`optax.inject_hyperparams`, name a callable in ``static_args``).
     seed: seed of the initial random eigenvector.
     batch_axis_name: mapped axis over which ``grad_fn``'s gradients and
       Hessian-vector products are averaged.
@@ -95,15 +100,21 @@ def eigen_sam_ascent(
     eigenvector, eigenvalue, residual = _tracking.track(
         state, params, grad_fn, settings, refresh, owner="eigen_sam_ascent",
         curvature_fn=curvature_fn)
+    # Arrays set at run time (optax.inject_hyperparams) are unchecked: a
+    # non-finite one acts as 0, as the docstring says.
+    rho_now = _validation.finite_or_zero(rho)
+    alpha_now = _validation.finite_or_zero(alpha)
     unit, _ = _tree.safe_normalize(updates)
     cos = _tree.vdot(unit, eigenvector).astype(state.cos_angle.dtype)
     perpendicular = _tree.add_scaled(eigenvector, -cos, unit)
-    direction = _tree.add_scaled(unit, alpha * jnp.sign(cos), perpendicular)
+    direction = _tree.add_scaled(unit, alpha_now * jnp.sign(cos),
+                                  perpendicular)
     direction, _ = _tree.safe_normalize(direction)
     adv_grads = _ascent.sam_gradient(
-        grad_fn, _tree.add_scaled(params, rho, direction), params,
+        grad_fn, _tree.add_scaled(params, rho_now, direction), params,
         batch_axis_name, owner="eigen_sam_ascent")
     return adv_grads, _tracking.next_state(
         state, (eigenvector, eigenvalue, residual), cos)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _float_leaves.on_float_leaves(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn))

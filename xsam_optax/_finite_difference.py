@@ -15,10 +15,15 @@ STEP_SCALE = 0.01
 
 
 def finite_difference_step(params: _tree.PyTree, scale: float = STEP_SCALE) -> jax.Array:
-  """``scale * sqrt(eps) * max(1, ||params||)``, ``eps`` of the widest leaf dtype."""
-  eps = max(float(jnp.finfo(jnp.result_type(x)).eps)
-            for x in jax.tree.leaves(params))
-  norm = optax.tree.norm(params)
+  """``scale * sqrt(eps) * max(1, ||params||)``, ``eps`` of the widest leaf dtype.
+
+  Over the float leaves only: integer leaves (a step counter) are no
+  direction of the loss.
+  """
+  floats = [x for x in jax.tree.leaves(params) if _tree.is_float(x)]
+  eps = max([float(jnp.finfo(jnp.result_type(x)).eps) for x in floats],
+            default=float(jnp.finfo(jnp.float32).eps))
+  norm = optax.tree.norm(floats)
   return scale * eps ** 0.5 * jnp.maximum(1.0, norm.astype(jnp.float32))
 
 
@@ -84,9 +89,14 @@ def finite_difference_fn(
   def product(params: _tree.PyTree, v: _tree.PyTree) -> _tree.PyTree:
     h = finite_difference_step(params, scale)
     base = grad_fn(params) if grads is None else grads
-    shifted = jax.tree.map(lambda p, u: (p + h * u).astype(p.dtype), params, v)
+    # Integer leaves stay where they are, and their (float0) gradients
+    # pass through: they have no curvature to difference.
+    shifted = jax.tree.map(
+        lambda p, u: (p + h * u).astype(p.dtype) if _tree.is_float(p) else p,
+        params, v)
     wide = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))
-    return jax.tree.map(lambda a, b: ((wide(a) - wide(b)) / h).astype(a.dtype),
-                        grad_fn(shifted), base)
+    return jax.tree.map(
+        lambda a, b: ((wide(a) - wide(b)) / h).astype(a.dtype)
+        if _tree.is_float(a) else a, grad_fn(shifted), base)
 
   return product

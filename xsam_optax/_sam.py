@@ -5,6 +5,7 @@ from typing import Union
 import jax
 import optax
 
+from xsam_optax import _float_leaves
 from xsam_optax import _ascent
 from xsam_optax import _tree
 from xsam_optax import _validation
@@ -40,15 +41,28 @@ def sam_ascent(
   transforms after it, in the base optimizer:
   ``optax.chain(sam_ascent(0.05), optax.clip_by_global_norm(1.0),
   optax.sgd(0.1))``. ``update(..., check_incoming=True)`` verifies that the
-  incoming gradient is ``grad_fn(params)`` and raises otherwise; it costs one
-  more gradient (under ``jax.jit``, XLA can merge it with your own
-  ``grad_fn(params)``), and also catches ``optax.MultiSteps`` around the
-  ascent (accumulate with :func:`accumulated_grad_fn` instead).
+  incoming gradient is ``grad_fn(params)`` and raises otherwise, and also
+  catches ``optax.MultiSteps`` around the ascent (accumulate with
+  :func:`accumulated_grad_fn` instead). It is off by default because it is
+  not free: it evaluates ``grad_fn(params)`` once more, which XLA merges with
+  your own only when, in the same jitted step, the incoming gradient is
+  ``grad_fn(params)`` itself (not a ``value_and_grad`` of another function),
+  and under ``jax.jit`` it reports through a host callback on every step.
+  Turn it on while setting up a training loop, or for a few steps.
 
   **A loss not finite at the SAM point** (finite at :math:`\theta`, not at
   :math:`\theta + \epsilon`) gives a zero gradient to the base optimizer,
   never NaN. ``optax.apply_if_finite`` cannot catch this case, since the
   incoming gradient is finite.
+
+  **Integer leaves** of ``params`` (a step counter) are no direction of the
+  loss: their incoming updates pass through unchanged, and the perturbation
+  and its norm use the float leaves.
+
+  **rho set at run time.** A ``rho`` array (``optax.inject_hyperparams``,
+  or a value changed in its state while training) is not checked; a NaN or
+  infinite one acts as 0, so the base optimizer gets the gradient at
+  ``params`` itself.
 
   Args:
     rho: radius of the neighbourhood (``>= 0``).
@@ -94,4 +108,5 @@ def sam_ascent(
     return _ascent.sam_gradient(grad_fn, perturbed, params, batch_axis_name,
                                 owner="sam_ascent"), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _float_leaves.on_float_leaves(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn))

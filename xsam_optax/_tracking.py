@@ -128,7 +128,8 @@ class EigenvectorState(NamedTuple):
   Attributes:
     count: int32, number of ``update`` calls so far.
     eigenvector: unit-norm estimate of the Hessian's top eigenvector, a pytree
-      like the parameters (same dtypes).
+      like the parameters (same dtypes; ``None`` at integer leaves, which are
+      no direction of the loss).
     eigenvalue: the top-eigenvalue estimate of the last refresh (0 before the
       first). With ``method="lanczos"`` it is the Ritz value of
       ``eigenvector`` itself. With ``method="power"`` it is the Rayleigh
@@ -197,21 +198,44 @@ def reject_removed_extras(extra_args: dict[str, Any], *, owner: str) -> None:
 
 
 def _checked_result(result, eigenvector: _tree.PyTree):
-  """The estimator's eigenpair, its eigenvector in the stored dtypes."""
+  """The estimator's eigenpair, its eigenvector in the stored dtypes.
+
+  Shapes are compared leaf by leaf, not as two ``tree.map`` results: a
+  registered pytree class without ``__eq__`` compares by identity.
+  """
+  if not all(hasattr(result, field)
+             for field in ("eigenvalue", "eigenvector", "residual")):
+    raise ValueError(
+        "method must return an xsam_optax.EigenResult(eigenvalue, "
+        "eigenvector, residual, num_matvecs), got "
+        f"{_describe(result)}. A method of your own can end with "
+        "return xsam_optax.EigenResult(value, vector, residual, "
+        "jnp.asarray(num_products, jnp.int32)).")
   if jax.tree.structure(result.eigenvector) != jax.tree.structure(eigenvector):
     raise ValueError(
         "method must return an eigenvector with the parameters' tree "
         f"structure {jax.tree.structure(eigenvector)}, got "
         f"{jax.tree.structure(result.eigenvector)}.")
-  if jnp.shape(result.eigenvalue) != () or jax.tree.map(
-      jnp.shape, result.eigenvector) != jax.tree.map(jnp.shape, eigenvector):
+  shapes = lambda tree: [jnp.shape(x) for x in jax.tree.leaves(tree)]
+  if (jnp.shape(result.eigenvalue) != ()
+      or shapes(result.eigenvector) != shapes(eigenvector)):
     raise ValueError(
         "method must return one eigenpair, a scalar eigenvalue and an "
         "eigenvector shaped like the parameters (for lanczos: k=1), got an "
-        f"eigenvalue of shape {jnp.shape(result.eigenvalue)}.")
+        f"eigenvalue of shape {jnp.shape(result.eigenvalue)} and eigenvector "
+        f"leaves of shapes {shapes(result.eigenvector)} for parameters of "
+        f"shapes {shapes(eigenvector)}.")
   vector = jax.tree.map(lambda new, old: new.astype(old.dtype),
                         result.eigenvector, eigenvector)
   return vector, result.eigenvalue, result.residual
+
+
+def _describe(value) -> str:
+  """``value``'s type, and its length for a sequence, for an error message."""
+  kind = type(value).__name__
+  if isinstance(value, (tuple, list)):
+    return f"a {kind} of length {len(value)}"
+  return f"a value of type {kind}"
 
 
 def refreshed(state, product, settings: RefreshSettings):
@@ -223,10 +247,14 @@ def refreshed(state, product, settings: RefreshSettings):
   matvec = lambda v: _tree.batch_mean(product(v), settings.batch_axis_name)
   vector, value, residual = _checked_result(
       settings.estimator(matvec, state.eigenvector), state.eigenvector)
-  _, norm = _tree.safe_normalize(vector)
+  # The state promises a unit vector, and the correction's size depends on
+  # it: a method's vector of another norm is normalised here (a no-op, up to
+  # rounding, for the built-in estimators).
+  vector, norm = _tree.safe_normalize(vector)
   # A failed product shows as a non-finite eigenvalue or residual (the
   # built-in estimators report it as a finite eigenvalue with an infinite
-  # residual): keep the previous estimate then.
+  # residual), a failed method as a zero or non-finite vector: keep the
+  # previous estimate then.
   ok = jnp.isfinite(value) & jnp.isfinite(residual) & _tree.is_usable(norm)
   return (
       optax.tree.where(ok, vector, state.eigenvector),

@@ -27,6 +27,15 @@ def as_arrays(tree: PyTree) -> PyTree:
       lambda x: jnp.asarray(x) if isinstance(x, scalar) else x, tree)
 
 
+def is_float(x: Any) -> bool:
+  """Whether a leaf is a direction of the loss: a float (or complex) dtype.
+
+  Integer and boolean leaves (a step counter) are not; their gradients are
+  ``float0`` (``jax.grad(..., allow_int=True)``).
+  """
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
 def scalar_dtype(tree: PyTree) -> jnp.dtype:
   """Dtype for scalars and small matrices about ``tree``: at least float32."""
   return jnp.result_type(jnp.float32, *jax.tree.leaves(tree))

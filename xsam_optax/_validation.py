@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -87,6 +88,18 @@ def check_float(name: str, value: Any, *, minimum: float,
     raise ValueError(f"{name} must be a finite number {allowed}, got {value}.")
 
 
+def finite_or_zero(value: Any) -> Any:
+  """A float hyperparameter as it is used at run time: 0 where not finite.
+
+  Plain numbers were checked eagerly (:func:`check_float`); an array, e.g.
+  set through ``optax.inject_hyperparams`` while training, reaches the
+  transform unchecked, and a NaN or infinite value would reach the updates.
+  """
+  if isinstance(value, numbers.Real):
+    return value
+  return jnp.where(jnp.isfinite(value), value, jnp.zeros_like(value))
+
+
 def check_bool(name: str, value: Any) -> None:
   if not isinstance(value, bool):
     raise ValueError(f"{name} must be True or False, got {value!r}.")
@@ -97,9 +110,13 @@ def check_choice(name: str, value: Any, choices: Sequence[str], *,
   """Requires one of the names ``choices``; ``also`` names what else is accepted."""
   if not (isinstance(value, str) and value in choices):
     alternatives = f" {also}" if also else ""
+    hint = "" if not hasattr(value, "shape") else (
+        f" optax.inject_hyperparams calls every callable argument with the "
+        f"step count, as a schedule: name a callable {name} in static_args, "
+        f"e.g. static_args=({name!r},).")
     raise ValueError(
         f"{name} must be one of {', '.join(map(repr, choices))}{alternatives}, "
-        f"got {value!r}.")
+        f"got {value!r}.{hint}")
 
 
 def check_axis_name(name: str, value: Any) -> None:
