@@ -105,8 +105,9 @@ def init_state(model, row: Row, x, *, seed: int, learning_rate: float,
                          variables=variables)
 
 
-def period_runner(row: Row, exe: dict[tuple, Any], state, batches):
-  """A zero-argument callable running one refresh period of ``row``'s steps.
+def period_runner(row: Row, exe: dict[tuple, Any], state, batches,
+                  periods: int = 1):
+  """A zero-argument callable running ``periods`` refresh periods of ``row``'s steps.
 
   Carries the state from call to call (it is donated), so the eigenvector
   refreshes from its previous value as in training; host-chosen rows refresh
@@ -117,11 +118,12 @@ def period_runner(row: Row, exe: dict[tuple, Any], state, batches):
 
   def run():
     s, i = carry["state"], carry["i"]
-    for j in range(row.period):
+    for j in range(row.period * periods):
       x, y = batches[(i + j) % len(batches)]
-      role = "step" if "step" in roles else ("refresh" if j == 0 else "plain")
+      role = ("step" if "step" in roles else
+              ("refresh" if j % row.period == 0 else "plain"))
       s, metrics = exe[roles[role]](s, x, y)
-    carry["state"], carry["i"] = s, i + row.period
+    carry["state"], carry["i"] = s, i + row.period * periods
     return metrics["loss"]
 
   return run

@@ -115,7 +115,9 @@ def wall_section(d: dict) -> str:
       f"{cfg['batch_size']}, {_where(env)} (jax {env['jax']})", "",
       _command(d["command"]),
       f"Load average (1 min) at start / timing / end: {_load(env)}; "
-      f"{cfg['rounds']} interleaved rounds, medians. "
+      f"{cfg['rounds']} interleaved rounds of "
+      f"{cfg.get('steps_per_sample', 1)} step(s) per sample (whole refresh "
+      "periods), medians. "
       + "; ".join(wall) + ".", "", table, ""])
 
 
@@ -146,20 +148,22 @@ def memory_section(d: dict) -> str:
       f"{cfg['model']}, batch {cfg['batch_size']} "
       f"({cfg['param_count']:,} parameters, "
       f"{cfg['param_bytes'] / 2 ** 20:.1f} MiB), compiled on a CPU, in "
-      "units of the parameters' size; and the buffers live at the peak of "
-      "each program's heap, from XLA's buffer assignment: the step's "
-      "arguments (parameters, optimizer state, batch), temporaries shaped "
-      "like a parameter leaf (gradients, SAM point, products, estimator "
-      "vectors) and other temporaries (activations and their tangents). "
-      "The state is donated, so outputs alias arguments.", "",
-      _command(d["command"]), d["table"], ""]
+      "units of the parameters' size (the small batch makes the "
+      "parameter-sized buffers, the part X-SAM adds whatever the batch, "
+      "dominate); and the buffers live at the peak of each program's heap, "
+      "from XLA's buffer assignment: the step's arguments (parameters, "
+      "optimizer state, batch), temporaries of a parameter leaf's size in "
+      "any layout (gradients, SAM point, products, estimator vectors, "
+      "transposed kernel copies) and other temporaries (activations and "
+      "their tangents). The state is donated, so outputs alias arguments.",
+      "", _command(d["command"]), d["table"], ""]
   for label, r in d["results"].items():
-    largest = r["peak"]["parameter-shaped temporaries"]["largest"]
-    if not largest:
+    if label == "SAM":
       continue
+    key = next(k for k in r["peak"] if k.startswith("parameter-"))
     items = "; ".join(f"`{what}` {size / cfg['param_bytes']:.2f}"
-                      for what, size in largest)
-    lines.append(f"- {label}: largest parameter-shaped temporaries at the "
+                      for what, size in r["peak"][key]["largest"][:4])
+    lines.append(f"- {label}: largest parameter-sized temporaries at the "
                  f"peak (x params, by the JAX operation that made them): "
                  f"{items}.")
   return "\n".join(lines) + "\n"
@@ -259,8 +263,13 @@ def page(results_dir: str) -> str:
       d = json.load(f)
     if not d.get("smoke"):
       runs.setdefault(d.get("benchmark"), []).append(d)
-  steps = {d["model"]: d for d in runs.get("step_overhead", [])
-           if "model" in d}
+  by_model = {}
+  for d in runs.get("step_overhead", []):
+    if "model" in d:
+      by_model.setdefault(d["model"], []).append(d)
+  # FLOPs from each model's run with the most rows; wall from every run.
+  steps = {m: max(ds, key=lambda d: len(d["rows"]))
+           for m, ds in by_model.items()}
   out = ["# Performance", "",
          "Every number on this page is written by a script in `benchmarks/` "
          "into `benchmarks/results/`, and the page by `python "
@@ -269,7 +278,7 @@ def page(results_dir: str) -> str:
          "timed in a test.", ""]
   if steps:
     out.append(flops_section(steps))
-  timed = [steps[m] for m in MODELS if m in steps and steps[m]["timings"]]
+  timed = [d for m in MODELS for d in by_model.get(m, []) if d["timings"]]
   if timed:
     out.append(wall_intro())
     out += [wall_section(d) for d in timed]

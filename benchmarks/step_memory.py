@@ -12,10 +12,10 @@ the whole step when it refreshes every step), the same with a Gauss-Newton
 product, and the step without a refresh. Each program's totals are reported
 in units of the parameters' size, and the buffers live at its peak grouped
 into the step's arguments (parameters, optimizer state, batch), temporaries
-shaped like a parameter leaf (parameter-sized vectors: gradients, the SAM
-point, products, estimator vectors) and other temporaries (activations and
-their tangents, which grow with the batch), each with the JAX operation
-that made the largest of them.
+of a parameter leaf's size in any layout (gradients, the SAM point,
+products, estimator vectors, transposed kernel copies) and other
+temporaries (activations and their tangents, which grow with the batch),
+each with the JAX operations that made the largest of them.
 
 The default batch of 2 makes the parameter-sized buffers dominate, which is
 the part X-SAM adds whatever the batch; ``--batch-size 256`` shows the
@@ -46,21 +46,32 @@ PROGRAMS = {
     "X-SAM step without refresh": ("xsam", "plain"),
 }
 
+KINDS = ("arguments", "parameter-sized temporaries", "other temporaries")
 _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\(")
 _OP_NAME = re.compile(r"op_name=\"([^\"]*)\"")
-_PEAK = re.compile(r"^\s+([\w.\-]+)\{[^}]*\}: (\d+) bytes")
+_PEAK = re.compile(r"^\s+([\w.\-]+)\{([^}]*)\}: (\d+) bytes")
 
 
-def _dims(shape: str) -> tuple:
-  m = re.match(r"(\w+)\[([\d,]*)\]", shape)
-  if not m:
-    return ()
-  return (m.group(1),) + tuple(int(d) for d in m.group(2).split(",") if d)
+def _elements(shape: str, index: str) -> int | None:
+  """Elements of the value at tuple ``index`` (e.g. ``"1"``) of an HLO ``shape``."""
+  arrays = re.findall(r"\w+\[([\d,]*)\]", shape)
+  if not arrays:
+    return None
+  i = int(index.split(",")[0]) if index and shape.startswith("(") else 0
+  if i >= len(arrays):
+    return None
+  n = 1
+  for d in arrays[i].split(","):
+    n *= int(d) if d else 1
+  return n
 
 
-def parse_dump(prefix: str) -> tuple[dict, list[tuple[str, int]]]:
-  """Instructions ``{name: (shape, opcode, op_name)}`` and the peak's live values."""
+def parse_dump(prefix: str) -> tuple[dict, list[tuple[str, str, int]]]:
+  """Instructions ``{name: (shape, opcode, op_name)}`` and the peak's live values.
+
+  A live value is ``(instruction, tuple index, bytes)``.
+  """
   instructions = {}
   with open(prefix + ".cpu_after_optimizations.txt") as f:
     for line in f:
@@ -79,7 +90,7 @@ def parse_dump(prefix: str) -> tuple[dict, list[tuple[str, int]]]:
         m = _PEAK.match(line)
         if not m:
           break
-        peak.append((m.group(1), int(m.group(2))))
+        peak.append((m.group(1), m.group(2), int(m.group(3))))
   return instructions, peak
 
 
@@ -89,24 +100,30 @@ def _short(op_name: str) -> str:
   return "/".join(parts[-3:]) or "(no op_name)"
 
 
-def classify(instructions, peak, param_shapes: set) -> dict:
-  """Bytes live at the peak by kind, with the largest producers of each."""
+def classify(instructions, peak, param_sizes: set) -> dict:
+  """Bytes live at the peak by kind, with the largest producers of each.
+
+  A temporary is parameter-sized when its element count is that of a
+  parameter leaf, in any layout (XLA:CPU keeps transposed copies of
+  convolution kernels).
+  """
   kinds = collections.defaultdict(int)
   producers = collections.defaultdict(collections.Counter)
-  for name, size in peak:
+  for name, index, size in peak:
     shape, opcode, op_name = instructions.get(name, ("", "", ""))
     if opcode == "parameter":
       kind = "arguments"
-    elif _dims(shape) in param_shapes:
-      kind = "parameter-shaped temporaries"
+    elif _elements(shape, index) in param_sizes:
+      kind = "parameter-sized temporaries"
     else:
       kind = "other temporaries"
     kinds[kind] += size
-    producers[kind][_short(op_name) if kind != "arguments" else shape] += size
+    what = (name.rsplit(".", 1)[0] if kind == "arguments"
+            else f"{_short(op_name)} ({opcode})")
+    producers[kind][what] += size
   return {kind: {"bytes": kinds[kind],
                  "largest": producers[kind].most_common(6)}
-          for kind in ("arguments", "parameter-shaped temporaries",
-                       "other temporaries")}
+          for kind in KINDS}
 
 
 def main(argv=None) -> int:
@@ -135,10 +152,7 @@ def main(argv=None) -> int:
   variables = loop.init_variables(model, x, seed=0)
   params = variables["params"]
   param_bytes = _steps.param_bytes(params)
-  param_shapes = {(str(a.dtype),) + tuple(a.shape)
-                  for a in jax.tree.leaves(params)}
-  param_shapes = {("f32",) + s[1:] if s[0] == "float32" else s
-                  for s in param_shapes}
+  param_sizes = {int(a.size) for a in jax.tree.leaves(params)}
   results = {}
   for label, (opt, program) in PROGRAMS.items():
     if opt == "sam":
@@ -163,14 +177,14 @@ def main(argv=None) -> int:
     results[label] = {
         "memory_analysis_bytes": totals,
         "xla_bytes": _steps.xla_bytes(compiled),
-        "peak_live_bytes": sum(size for _, size in peak),
-        "peak": classify(instructions, peak, param_shapes)}
+        "peak_live_bytes": sum(size for _, _, size in peak),
+        "peak": classify(instructions, peak, param_sizes)}
     print(f"# {label}: {results[label]['xla_bytes'] / param_bytes:.2f} x "
           "params", flush=True)
   sam = results["SAM"]["xla_bytes"]
   header = ("program", "XLA total x params", "- SAM's", "arguments",
             "outputs", "aliased", "temporaries", "at the peak: arguments",
-            "param-shaped temps", "other temps")
+            "param-sized temps", "other temps")
   rows = []
   for label, r in results.items():
     t, pk = r["memory_analysis_bytes"], r["peak"]
@@ -178,14 +192,15 @@ def main(argv=None) -> int:
     rows.append((label, u(r["xla_bytes"]), u(r["xla_bytes"] - sam),
                  u(t["argument"]), u(t["output"]), u(t["alias"]), u(t["temp"]),
                  u(pk["arguments"]["bytes"]),
-                 u(pk["parameter-shaped temporaries"]["bytes"]),
+                 u(pk["parameter-sized temporaries"]["bytes"]),
                  u(pk["other temporaries"]["bytes"])))
   table = _common.format_table(header, rows)
   print(table)
   for label, r in results.items():
-    print(f"\n{label}: largest parameter-shaped temporaries at the peak")
-    for what, size in r["peak"]["parameter-shaped temporaries"]["largest"]:
-      print(f"  {size / param_bytes:.2f} x params  {what}")
+    for kind in KINDS[1:]:
+      print(f"\n{label}: largest {kind} at the peak")
+      for what, size in r["peak"][kind]["largest"]:
+        print(f"  {size / param_bytes:.2f} x params  {what}")
   if args.json:
     _common.write_json(args.json, {
         "benchmark": "step_memory", "command": shlex.join(["python"] + sys.argv),

@@ -130,6 +130,10 @@ def parse_args(argv):
   p.add_argument("--batch-size", type=int, default=None)
   p.add_argument("--rounds", type=int, default=None,
                  help="interleaved timing samples per row")
+  p.add_argument("--steps-per-sample", type=int, default=None,
+                 help="steps per timing sample, in whole refresh periods "
+                      "(default 1: one period); more steps average out a "
+                      "busy machine's scheduling noise")
   p.add_argument("--only", default=None,
                  help="regex: keep only the X-SAM rows whose name matches "
                       "(SGD and SAM always run)")
@@ -243,13 +247,20 @@ def measure(args, config, table_rows):
   flops = {str(k): _steps.flops(e) for k, e in exe.items()}
   timings = None
   if not args.no_timing:
-    cands = {"gradient": lambda: exe[("gradient",)](params, stats, x0, y0),
-             "hvp": lambda: exe[("hvp",)](params, stats, x0, y0, params),
-             "gn": lambda: exe[("gn",)](params, stats, x0, y0, params)}
-    per_call = {}
+    n = config["steps_per_sample"]
+
+    def repeated(key, *args):
+      return lambda: [exe[key](*args) for _ in range(n)][-1]
+
+    cands = {"gradient": repeated(("gradient",), params, stats, x0, y0),
+             "hvp": repeated(("hvp",), params, stats, x0, y0, params),
+             "gn": repeated(("gn",), params, stats, x0, y0, params)}
+    per_call = {"gradient": n, "hvp": n, "gn": n}
     for r in table_rows:
-      cands[r.name] = _steps.period_runner(r, exe, states[r.name], batches)
-      per_call[r.name] = r.period
+      periods = max(1, round(config["steps_per_sample"] / r.period))
+      cands[r.name] = _steps.period_runner(r, exe, states[r.name], batches,
+                                           periods)
+      per_call[r.name] = r.period * periods
     env["load_average_at_timing"] = _common.load_average()
     timings = _common.time_interleaved(cands, rounds=config["rounds"],
                                        per_call=per_call)
@@ -400,7 +411,8 @@ def main(argv=None) -> int:
   config = dict(CONFIGS[model])
   if args.smoke:
     config.update(SMOKE)
-  for key in ("batch_size", "rounds"):
+  config.setdefault("steps_per_sample", 1)
+  for key in ("batch_size", "rounds", "steps_per_sample"):
     if getattr(args, key) is not None:
       config[key] = getattr(args, key)
   table_rows = [r for r in rows(args.paths)
