@@ -99,6 +99,53 @@ def flops_section(runs: dict) -> str:
   return "\n".join(lines)
 
 
+def _step_name(schedule_name: str) -> str:
+  """The step benchmark's row for a quality benchmark's schedule name."""
+  if schedule_name == "power 5 every 5":
+    return "X-SAM reference (power 5 every 5)"
+  return f"X-SAM {schedule_name}"
+
+
+def choice_section(steps: dict, d: dict) -> str:
+  """Each scored schedule's FLOPs next to whether it holds the reference's quality."""
+  import numpy as np
+  import quality
+
+  models = [m for m in MODELS if m in steps]
+  flops = {m: {r["name"]: r["flops_ratio_to_sam"] for r in steps[m]["rows"]
+               if r["path"] == "host"} for m in models}
+  problems = list(d["results"])
+  rows = []
+  for i, r0 in enumerate(d["results"][problems[0]]["rows"]):
+    worst = min(
+        float(np.mean(d["results"][p]["rows"][i][kind]
+                      ["minus_reference_per_seed"]))
+        for p in problems for kind in ("batch", "large"))
+    step = _step_name(r0["name"])
+    ratios = [flops[m].get(step) for m in models]
+    rows.append([r0["name"]] + [_x(v) for v in ratios]
+                + [f"{worst:+.3f}",
+                   "yes" if worst >= -quality.TOLERANCE else ""])
+  # Cheapest first by the last model's count; schedules it did not price last.
+  rows.sort(key=lambda row: float("inf") if row[len(models)] is None
+            else float(row[len(models)]))
+  header = (["schedule"] + [f"{MODEL_NAMES[m]} FLOPs x SAM" for m in models]
+            + ["worst mean - reference", "holds the reference's quality"])
+  seeds = sorted({int(s) for r in d["results"].values() for s in r["per_seed"]})
+  return "\n".join([
+      "## Cost at the reference's quality", "",
+      "The schedules of the quality benchmark (below) priced in FLOPs (above), "
+      "cheapest first by the last model's count. \"worst mean - reference\": "
+      "over the models "
+      f"({', '.join(problems)}) and both oracles, the lowest mean over seeds "
+      f"({', '.join(map(str, seeds))}) of the schedule's score minus the "
+      "reference's (power 5 every 5); a schedule holds the reference's quality "
+      f"when that is at least -{quality.TOLERANCE}. Gauss-Newton products "
+      "need the model's outputs and a loss convex in them "
+      "(`gauss_newton_fn`).", "",
+      _common.format_table(header, rows), ""])
+
+
 def wall_section(d: dict) -> str:
   env, cfg = d["environment"], d["config"]
   rows = [(r["name"], _path(r), _x(r["flops_ratio_to_sam"]), r["step_ms"],
@@ -167,6 +214,38 @@ def memory_section(d: dict) -> str:
                  f"peak (x params, by the JAX operation that made them): "
                  f"{items}.")
   return "\n".join(lines) + "\n"
+
+
+def batch_memory_section(d: dict) -> str:
+  """Memory of a step run's compiled programs (its full batch), x params."""
+  cfg = d["config"]
+  pb = cfg["param_bytes"]
+  names = {"('sam',)": "SAM",
+           "('xsam', 'plain', False)": "X-SAM step without refresh"}
+  for r in d["rows"]:
+    if r["optimizer"] == "xsam" and r["path"] == "host":
+      s = r["schedule"]
+      key = str(("xsam", (s["method"], s["num_iters"], s["fraction"],
+                          s["product"]), True))
+      product = {"hvp": "Hessian", "gn": "Gauss-Newton",
+                 "fd": "finite differences"}[s["product"]]
+      names.setdefault(key, f"X-SAM refresh step, {s['method']} "
+                            f"{s['num_iters']}, {product}")
+  sam = d["memory_xla"]["('sam',)"]
+  rows = []
+  for key, label in names.items():
+    total, parts = d["memory_xla"].get(key), d["memory_breakdown"].get(key)
+    if total is None or parts is None:
+      continue
+    rows.append((label, _x(total / pb), _x((total - sam) / pb),
+                 _x(parts["argument"] / pb), _x(parts["temp"] / pb)))
+  return "\n".join([
+      f"### {MODEL_NAMES[d['model']]} at batch {cfg['batch_size']}", "",
+      "The same accounting for the programs of the FLOP table's run (batch "
+      f"{cfg['batch_size']}, compiled on a CPU), where activations and their "
+      "tangents dominate.", "", _command(d["command"]),
+      _common.format_table(("program", "XLA total x params", "- SAM's",
+                            "arguments", "temporaries"), rows), ""])
 
 
 def quality_section(d: dict, title: str) -> str:
@@ -278,12 +357,19 @@ def page(results_dir: str) -> str:
          "timed in a test.", ""]
   if steps:
     out.append(flops_section(steps))
+  scored = [d for d in runs.get("quality", [])
+            if any(r["product"] == "gn"
+                   for r in next(iter(d["results"].values()))["rows"])]
+  if steps and scored:
+    out.append(choice_section(steps, scored[0]))
   timed = [d for m in MODELS for d in by_model.get(m, []) if d["timings"]]
   if timed:
     out.append(wall_intro())
     out += [wall_section(d) for d in timed]
   for d in runs.get("step_memory", []):
     out.append(memory_section(d))
+  if "resnet18" in steps and steps["resnet18"].get("memory_breakdown"):
+    out.append(batch_memory_section(steps["resnet18"]))
   for d in runs.get("refresh_memory", []):
     out.append(refresh_memory_section(d))
   # Newest run first.
