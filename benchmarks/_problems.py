@@ -3,16 +3,20 @@
 A :class:`Problem` is one model on one dataset with the training CLI's
 protocol (``xsam_optax.train``): its training-mode loss (BatchNorm with batch
 statistics, running statistics discarded, as in ``loop.make_grad_fn``), its
-batch size, and its training set. Two problems:
+batch size, and its training set. Three problems:
 
 * ``cnn-mnist1d``: the CLI's default, the CNN with BatchNorm on MNIST-1D;
-* ``mlp-digits``: the CLI's MLP (no BatchNorm) on scikit-learn's 8x8 digits.
+* ``mlp-digits``: the CLI's MLP (no BatchNorm) on scikit-learn's 8x8 digits;
+* ``strided-mnist1d``: a conv net of another shape than the CLI's, two
+  strided 1-D convolutions (k5, stride 2, 16 and 32 channels) with BatchNorm
+  and a linear head, on MNIST-1D.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +25,25 @@ from xsam_optax.train import data as data_lib
 from xsam_optax.train import loop
 from xsam_optax.train import models
 
-PROBLEMS = {"cnn-mnist1d": ("mnist1d", "cnn"), "mlp-digits": ("digits", "mlp")}
+PROBLEMS = {"cnn-mnist1d": ("mnist1d", "cnn"), "mlp-digits": ("digits", "mlp"),
+            "strided-mnist1d": ("mnist1d", "strided")}
 BATCH_SIZE = 128
+
+
+class StridedConvNet(nn.Module):
+  """Two strided Conv(k5) -> BatchNorm -> ReLU blocks, flatten, Dense."""
+
+  num_classes: int
+  features: tuple[int, ...] = (16, 32)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for width in self.features:
+      x = nn.Conv(width, kernel_size=(5,), strides=(2,), use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=not train,
+                       momentum=models.BATCHNORM_MOMENTUM)(x)
+      x = nn.relu(x)
+    return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
 
 
 class Problem(NamedTuple):
@@ -47,9 +68,12 @@ class Problem(NamedTuple):
 def load(name: str) -> Problem:
   dataset_name, model_name = PROBLEMS[name]
   ds = data_lib.load_dataset(dataset_name)
-  model = models.make_model(model_name, num_classes=ds.num_classes)
+  model = (StridedConvNet(ds.num_classes) if model_name == "strided" else
+           models.make_model(model_name, num_classes=ds.num_classes))
   what = {"cnn": "CLI CNN, 3x (Conv k3, 32 ch, BatchNorm, ReLU), Dense",
-          "mlp": "CLI MLP, 2x128 ReLU, no BatchNorm"}[model_name]
+          "mlp": "CLI MLP, 2x128 ReLU, no BatchNorm",
+          "strided": "2x (Conv k5 stride 2, 16/32 ch, BatchNorm, ReLU), "
+                     "Dense"}[model_name]
   return Problem(name, model, ds.x_train, ds.y_train, BATCH_SIZE,
                  f"{what}; {dataset_name} ({len(ds.x_train)} training "
                  f"examples), batch {BATCH_SIZE}")

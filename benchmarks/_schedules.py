@@ -4,11 +4,13 @@ A :class:`Schedule` is everything that decides the vector X-SAM's correction
 uses: the estimator (``method``), products per refresh (``num_iters``), the
 refresh period (``update_every``), which batch the products see (the leading
 ``fraction`` of the step's mini-batch) and what a product is (``"hvp"``: the
-exact forward-over-reverse Hessian-vector product; ``"fd"``: a one-gradient
-finite difference, ``_finite_difference``). All of it reaches the library
-through its public API: ``eigenvector_correction(method=, num_iters=)`` and
-``update(..., refresh=True, curvature_fn=...)``, so the vectors scored are
-exactly the ones the library's correction would use.
+exact forward-over-reverse Hessian-vector product; ``"gn"``: a Gauss-Newton
+product of the training-mode logits, ``xsam_optax.gauss_newton_fn`` through
+``loop.make_gauss_newton_fn``; ``"fd"``: a one-gradient finite difference,
+``xsam_optax.finite_difference_fn`` with the step's own gradient). All of it
+reaches the library through its public API: ``eigenvector_correction(method=,
+num_iters=)`` and ``update(..., refresh=True, curvature_fn=...)``, so the
+vectors scored are exactly the ones the library's correction would use.
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import xsam_optax
 from xsam_optax.train import loop
 
-import _finite_difference
 import _problems
-import _trajectory
+
+PRODUCTS = {"hvp": "", "gn": ", Gauss-Newton", "fd": ", finite differences"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,19 +35,14 @@ class Schedule:
   num_iters: int
   update_every: int
   fraction: float = 1.0
-  product: str = "hvp"  # "hvp" | "fd"
-  point: str = "params"  # "params" | "sam": where the Hessian is taken
+  product: str = "hvp"  # "hvp" | "gn" | "fd"
 
   @property
   def name(self) -> str:
     out = f"{self.method} {self.num_iters} every {self.update_every}"
     if self.fraction < 1:
       out += f", 1/{round(1 / self.fraction)} batch"
-    if self.product == "fd":
-      out += ", finite differences"
-    if self.point == "sam":
-      out += ", at the SAM point"
-    return out
+    return out + PRODUCTS[self.product]
 
   @property
   def products_per_step(self) -> float:
@@ -56,8 +52,7 @@ class Schedule:
   @property
   def program(self) -> tuple:
     """What a refresh step compiles to (the period plays no part in it)."""
-    return (self.method, self.num_iters, self.fraction, self.product,
-            self.point)
+    return (self.method, self.num_iters, self.fraction, self.product)
 
 
 REFERENCE = Schedule("power", 5, 5)  # the paper's code
@@ -72,7 +67,8 @@ def sweep() -> list[Schedule]:
   every 1, 2, 3 or 5 steps; power 2 on the whole or half batch; Lanczos 2 and
   4; one-gradient finite-difference products (power 1 and 2); the reference
   (power 5 every 5), the old defaults (Lanczos 4 every 5) and power 10 every
-  5, to see whether converging harder on one batch helps.
+  5, to see whether converging harder on one batch helps; and every
+  whole-batch Hessian schedule with Gauss-Newton products.
   """
   out = []
   for k in (1, 2, 3, 5):
@@ -85,9 +81,9 @@ def sweep() -> list[Schedule]:
             Schedule("lanczos", 4, k, 0.5)]
   out += [Schedule("power", 2, 1, 0.5), Schedule("lanczos", 4, 2, 0.5),
           REFERENCE, OLD_DEFAULTS, Schedule("power", 10, 5)]
-  # Products at the SAM point theta + rho g / ||g||, where one jax.jvp would
-  # give the SAM gradient and the product together (README, Performance).
-  out += [Schedule("power", 1, k, point="sam") for k in (1, 2)]
+  # Every whole-batch Hessian schedule again with Gauss-Newton products.
+  out += [dataclasses.replace(s, product="gn") for s in out
+          if s.product == "hvp" and s.fraction == 1.0]
   return list(dict.fromkeys(out))
 
 
@@ -95,20 +91,22 @@ def curvature(model, schedule: Schedule):
   """What ``loop.make_train_step(curvature=...)`` needs for ``schedule``'s products.
 
   ``"hessian"`` for exact products on the whole batch (the library's own
-  ``hvp`` of ``grad_fn``); otherwise ``(batch_stats, x, y, grads) ->
-  curvature_fn``: exact products on the leading sub-batch, or finite
-  differences from the step's clean gradient ``grads``.
+  ``hvp`` of ``grad_fn``), ``"gauss-newton"`` for Gauss-Newton products on
+  the whole batch (``loop.make_gauss_newton_fn``); otherwise
+  ``(batch_stats, x, y, grads) -> curvature_fn``: exact products on the
+  leading sub-batch, or finite differences from the step's clean gradient
+  ``grads``.
   """
-  if (schedule.product == "hvp" and schedule.fraction >= 1
-      and schedule.point == "params"):
+  if schedule.fraction >= 1 and schedule.product == "hvp":
     return "hessian"
+  if schedule.product == "gn":
+    if schedule.fraction < 1:
+      raise ValueError("Gauss-Newton schedules use the whole batch")
+    return "gauss-newton"
 
   def make(batch_stats, x, y, grads):
-    if schedule.point == "sam":
-      full = loop.make_grad_fn(model, batch_stats, x, y)
-      return lambda p, v: xsam_optax.hvp(full, sam_point(p, grads), v)
     if schedule.product == "fd":
-      return _finite_difference.curvature_fn(
+      return xsam_optax.finite_difference_fn(
           loop.make_grad_fn(model, batch_stats, x, y), grads)
     sub = loop.make_grad_fn(model, batch_stats,
                             *_problems.sub_batch(x, y, schedule.fraction))
@@ -117,22 +115,21 @@ def curvature(model, schedule: Schedule):
   return make
 
 
-def sam_point(params, grads, rho: float = _trajectory.RHO):
-  """``params + rho * grads / ||grads||``: where SAM takes its gradient."""
-  scale = rho / optax.tree.norm(grads)
-  return jax.tree.map(lambda p, g: p + scale * g, params, grads)
-
-
 def make_refresh(problem: _problems.Problem, program: tuple):
   """Jitted ``(opt_state, params, stats, x, y, grads) -> opt_state``: one refresh."""
-  method, num_iters, fraction, product, point = program
+  method, num_iters, fraction, product = program
   tx = xsam_optax.eigenvector_correction(method=method, num_iters=num_iters)
   make = curvature(problem.model, Schedule(method, num_iters, 1, fraction,
-                                           product, point))
+                                           product))
 
   def refresh(opt_state, params, stats, x, y, grads):
-    extra = {} if make == "hessian" else {
-        "curvature_fn": make(stats, x, y, grads)}
+    if make == "hessian":
+      extra = {}
+    elif make == "gauss-newton":
+      extra = {"curvature_fn": loop.make_gauss_newton_fn(
+          problem.model, stats, x, y)}
+    else:
+      extra = {"curvature_fn": make(stats, x, y, grads)}
     _, opt_state = tx.update(grads, opt_state, params,
                              grad_fn=problem.grad_fn(stats, x, y),
                              refresh=True, **extra)

@@ -6,8 +6,13 @@ A :class:`Row` is one optimizer and, for X-SAM, one eigenvector schedule
 * ``"host"``: the host chooses, ``refresh=xsam_optax.refresh_due(step, k)``:
   two compiled steps (with and without the refresh), no ``lax.cond``;
 * ``"none"``: ``refresh=None``, one compiled step that follows the schedule
-  by itself (under ``lax.cond`` unless it refreshes every step), the path of
-  ``nnx.Optimizer``, ``lax.scan`` loops and the docstring examples.
+  by itself, the path of ``nnx.Optimizer``, ``lax.scan`` loops and the
+  docstring examples. On CPU the library computes the refresh at every step
+  and keeps it on refresh steps only; elsewhere it runs it under
+  ``lax.cond``;
+* ``"cond"``: ``refresh=None`` with the refresh under ``lax.cond`` on CPU too
+  (the library's program on other platforms, and on CPU before it chose the
+  unconditional one), for comparison.
 
 Every program is ``jax.jit(loop.make_train_step(...))`` with the state
 donated (as a training loop would), lowered on a sample and compiled ahead of
@@ -16,12 +21,14 @@ time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
+from xsam_optax import _tracking
 from xsam_optax.train import loop
 
 import _schedules
@@ -32,7 +39,7 @@ class Row:
   name: str
   optimizer: str  # "sgd" | "sam" | "xsam"
   schedule: Optional[_schedules.Schedule] = None
-  path: str = "host"  # "host" | "none"
+  path: str = "host"  # "host" | "none" | "cond"
 
   @property
   def period(self) -> int:
@@ -47,7 +54,11 @@ class Row:
     if self.optimizer != "xsam":
       return {"step": (self.optimizer,)}
     s = self.schedule
-    if self.path == "none" or s.update_every == 1:
+    if s.update_every == 1:  # The refresh step, on every step.
+      return {"step": ("xsam", s.program, True)}
+    if self.path == "cond":
+      return {"step": ("xsam", s, None, "cond")}
+    if self.path == "none":
       return {"step": ("xsam", s, None)}
     return {"refresh": ("xsam", s.program, True),
             "plain": ("xsam", "plain", False)}
@@ -61,23 +72,31 @@ def optimizer(row: Row, learning_rate: float):
     s = row.schedule
     opt = loop.make_optimizer("xsam", learning_rate=learning_rate,
                               update_every=s.update_every,
-                              num_iters=s.num_iters, method=s.method,
-                              hessian_at={"params": "params",
-                                          "sam": "sam_point"}[s.point])
+                              num_iters=s.num_iters, method=s.method)
   return getattr(opt, "tx", opt)  # make_optimizer may return (tx, period)
 
 
 def lower(model, row: Row, key: tuple, state, x, y, learning_rate: float):
   """The lowered program ``key`` of ``row`` (see :meth:`Row.programs`)."""
   tx = optimizer(row, learning_rate)
-  # At the SAM point the library takes the products itself (hessian_at), so
-  # that the SAM gradient and the product share one jvp.
-  curvature = ("hessian" if row.schedule is None or row.schedule.point == "sam"
+  curvature = ("hessian" if row.schedule is None
                else _schedules.curvature(model, row.schedule))
   step = jax.jit(loop.make_train_step(model, tx, curvature=curvature),
                  static_argnames="refresh", donate_argnums=0)
-  refresh = key[-1] if row.optimizer == "xsam" else None
-  return step.lower(state, x, y, refresh=refresh)
+  refresh = key[2] if row.optimizer == "xsam" else None
+  with (refresh_under_cond() if key[-1] == "cond" else contextlib.nullcontext()):
+    return step.lower(state, x, y, refresh=refresh)
+
+
+@contextlib.contextmanager
+def refresh_under_cond():
+  """Traced refreshes under ``lax.cond`` on every platform while tracing."""
+  saved = _tracking._EVERY_STEP_PLATFORMS
+  _tracking._EVERY_STEP_PLATFORMS = ()
+  try:
+    yield
+  finally:
+    _tracking._EVERY_STEP_PLATFORMS = saved
 
 
 def init_state(model, row: Row, x, *, seed: int, learning_rate: float,
@@ -86,8 +105,9 @@ def init_state(model, row: Row, x, *, seed: int, learning_rate: float,
                          variables=variables)
 
 
-def period_runner(row: Row, exe: dict[tuple, Any], state, batches):
-  """A zero-argument callable running one refresh period of ``row``'s steps.
+def period_runner(row: Row, exe: dict[tuple, Any], state, batches,
+                  periods: int = 1):
+  """A zero-argument callable running ``periods`` refresh periods of ``row``'s steps.
 
   Carries the state from call to call (it is donated), so the eigenvector
   refreshes from its previous value as in training; host-chosen rows refresh
@@ -98,11 +118,12 @@ def period_runner(row: Row, exe: dict[tuple, Any], state, batches):
 
   def run():
     s, i = carry["state"], carry["i"]
-    for j in range(row.period):
+    for j in range(row.period * periods):
       x, y = batches[(i + j) % len(batches)]
-      role = "step" if "step" in roles else ("refresh" if j == 0 else "plain")
+      role = ("step" if "step" in roles else
+              ("refresh" if j % row.period == 0 else "plain"))
       s, metrics = exe[roles[role]](s, x, y)
-    carry["state"], carry["i"] = s, i + row.period
+    carry["state"], carry["i"] = s, i + row.period * periods
     return metrics["loss"]
 
   return run
@@ -119,6 +140,39 @@ def hvp_fn(model):
   """One exact Hessian-vector product on the batch (jvp of grad)."""
   return jax.jit(lambda p, s, x, y, v: jax.jvp(
       loop.make_grad_fn(model, s, x, y), (p,), (v,))[1])
+
+
+def gauss_newton_product_fn(model):
+  """One Gauss-Newton product on the batch (``loop.make_gauss_newton_fn``)."""
+  return jax.jit(lambda p, s, x, y, v: loop.make_gauss_newton_fn(
+      model, s, x, y)(p, v))
+
+
+def flops(compiled) -> Optional[float]:
+  """XLA's FLOP count of a compiled program (``cost_analysis()["flops"]``).
+
+  A ``lax.cond`` program's count includes every branch, so it is read only
+  from programs without one.
+  """
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # Not every backend implements it.
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return None if not cost or "flops" not in cost else float(cost["flops"])
+
+
+def memory_breakdown(compiled) -> Optional[dict[str, int]]:
+  """XLA's ``memory_analysis()`` fields, in bytes."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:
+    return None
+  if m is None:
+    return None
+  return {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
+          ("argument", "output", "alias", "temp", "generated_code")}
 
 
 def xla_bytes(compiled) -> Optional[int]:

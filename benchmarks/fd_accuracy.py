@@ -5,10 +5,12 @@ eigenvector, so what matters is how close ``(grad(theta + h v) - g) / h`` is
 to the exact ``H v`` (``jax.jvp`` of ``jax.grad``) along the directions a
 refresh multiplies: the current estimate of the top eigenvector (here: 20
 exact power steps from a random start) and, for contrast, a random
-direction. Reported: the relative error ``||FD - Hv|| / ||Hv||`` and
-``|cos(FD, Hv)|``, for step sizes ``h = scale * SCALE * sqrt(eps) * max(1,
-||theta||)`` over a range of ``scale`` (1 is the rule of
-``_finite_difference.step_size``, ``SCALE = 0.01``), in float32 and in bfloat16 (parameters and
+direction. The products are the library's own
+(``xsam_optax.finite_difference_fn``, the function users pass as
+``curvature_fn``). Reported: the relative error ``||FD - Hv|| / ||Hv||`` and
+``|cos(FD, Hv)|``, for step sizes ``h = scale * s0 * sqrt(eps) * max(1,
+||theta||)`` over a range of ``scale`` (1 is the library's default step,
+``s0`` = ``finite_difference_fn``'s default ``scale``), in float32 and in bfloat16 (parameters and
 inputs cast; the exact product is then also computed in bfloat16 and both are
 compared with the float32 one), at the start and at the end of a SAM run.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import re
 import shlex
 import sys
@@ -40,11 +43,13 @@ import xsam_optax
 from xsam_optax.train import loop
 
 import _common
-import _finite_difference
 import _problems
 import _trajectory
 
-SCALES = (0.1, 0.3, 1.0, 3.0, 10.0, 100.0)  # x SCALE
+SCALES = (0.1, 0.3, 1.0, 3.0, 10.0, 100.0)  # x the library's default
+# finite_difference_fn's default scale, read from its signature.
+DEFAULT_SCALE = inspect.signature(
+    xsam_optax.finite_difference_fn).parameters["scale"].default
 
 
 def _cast(tree, dtype):
@@ -68,8 +73,8 @@ def accuracy(problem, params, stats, x, y, seed):
   grad_of = lambda p, s, xx: problem.grad_fn(s, xx, y)(p)
   exact = jax.jit(lambda p, s, xx, v: jax.jvp(
       lambda q: grad_of(q, s, xx), (p,), (v,))[1])
-  fd = jax.jit(lambda p, s, xx, g, v, scale: _finite_difference.curvature_fn(
-      lambda q: grad_of(q, s, xx), g, scale=scale * _finite_difference.SCALE)(p, v))
+  fd = jax.jit(lambda p, s, xx, g, v, scale: xsam_optax.finite_difference_fn(
+      lambda q: grad_of(q, s, xx), g, scale=scale * DEFAULT_SCALE)(p, v))
   grad = jax.jit(grad_of)
   v = xsam_optax.power_iteration(
       lambda u: exact(params, stats, x, u),
@@ -110,7 +115,7 @@ def cost(problem, params, stats, x, y, rounds):
     grad_fn = problem.grad_fn(stats, x, y)
     g = grad_fn(params) if recompute else grads
     curvature = (None if recompute is None else
-                 _finite_difference.curvature_fn(grad_fn, g))
+                 xsam_optax.finite_difference_fn(grad_fn, g))
     updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn,
                                    refresh=True, curvature_fn=curvature)
     return optax.apply_updates(params, updates), opt_state
@@ -175,7 +180,9 @@ def main(argv=None) -> int:
     _common.write_json(args.json, {
         "benchmark": "fd_accuracy", "command": shlex.join(["python"] + sys.argv),
         "environment": env, "scales": SCALES,
-        "step_size_rule": "h = scale * 0.01 * sqrt(eps(dtype)) * max(1, ||theta||)",
+        "step_size_rule": f"h = scale * {DEFAULT_SCALE} * sqrt(eps(dtype)) * "
+                          "max(1, ||theta||)",
+        "products": "xsam_optax.finite_difference_fn",
         "results": out})
   return 0
 

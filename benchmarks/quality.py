@@ -26,6 +26,10 @@ Usage::
   python benchmarks/quality.py --json benchmarks/results/quality-cpu2.json
   python benchmarks/quality.py --steps 28 --seeds 0 --problems mlp-digits  # quick
 
+Gauss-Newton schedules (``product="gn"``, ``xsam_optax.gauss_newton_fn`` of
+the training-mode logits) are scored against the same Hessian oracles: what
+matters is whether their top eigenvector is the Hessian's.
+
 Not a test: nothing here asserts a quality.
 """
 
@@ -47,6 +51,9 @@ import _trajectory
 
 SCORE_STRIDE = 7
 SCORE_OFFSET = 6  # never step 0, where every schedule refreshes from random
+# The quality bar: a schedule holds the reference's quality when its mean
+# over seeds is at least the reference's minus this, on both oracles.
+TOLERANCE = 0.01
 
 
 def score_steps(steps: int) -> list[int]:
@@ -108,7 +115,7 @@ def table(results: dict) -> str:
   header = ["schedule", "products/step"]
   for p in problems:
     header += [f"{p} vs batch", f"{p} vs large"]
-  header.append("all >= reference")
+  header.append(f"all >= reference - {TOLERANCE}")
   names = [r["name"] for r in results[problems[0]]["rows"]]
   lines = []
   for i, name in enumerate(names):
@@ -120,7 +127,7 @@ def table(results: dict) -> str:
       for kind in ("batch", "large"):
         q = r[kind]
         cells.append(f"{q['mean']:.3f} ({q['min']:.3f}-{q['max']:.3f})")
-        ok &= np.mean(q["minus_reference_per_seed"]) >= 0
+        ok &= np.mean(q["minus_reference_per_seed"]) >= -TOLERANCE
     cells.append("yes" if ok else "")
     lines.append(cells)
   lines.sort(key=lambda c: c[1])
@@ -170,16 +177,20 @@ def main(argv=None) -> int:
                        "only": args.only},
             "results": results}
 
-  for name in args.problems:
-    problem = _problems.load(name)
-    programs = _schedules.programs_for(problem, schedules)
-    per_seed = {}
-    for seed in args.seeds:
-      per_seed[seed] = run_seed(problem, seed, args, schedules, programs)
+  # Seeds outermost: a run stopped early has every problem on its first seeds.
+  problems = {name: _problems.load(name) for name in args.problems}
+  programs = {}
+  per_seed = {name: {} for name in args.problems}
+  for seed in args.seeds:
+    for name, problem in problems.items():
+      if name not in programs:
+        programs[name] = _schedules.programs_for(problem, schedules)
+      per_seed[name][seed] = run_seed(problem, seed, args, schedules,
+                                      programs[name])
       results[name] = {"description": problem.description,
                        "large_batch_examples": args.chunks * problem.batch_size,
-                       "per_seed": per_seed,
-                       "rows": summarise(per_seed, schedules)}
+                       "per_seed": per_seed[name],
+                       "rows": summarise(per_seed[name], schedules)}
       if args.json:
         _common.write_json(args.json, payload(False))
   env["load_average_at_end"] = _common.load_average()

@@ -1,16 +1,19 @@
-"""Markdown for the README's "Performance" section, from the benchmark JSON.
+"""The documentation's performance page, ``docs/performance.md``, from the benchmark JSON.
 
-Reads ``benchmarks/results/*.json`` written by ``quality.py``,
-``step_overhead.py``, ``fd_accuracy.py`` and ``estimators.py``, and prints
-their tables (eigenvector quality first) after the reference numbers
-measured for XSAM.md (H100, CIFAR-style ResNet-18, batch
-256, fp32, synthetic data)::
+Reads ``benchmarks/results/*.json`` written by ``step_overhead.py``,
+``step_memory.py``, ``quality.py``, ``fd_accuracy.py``, ``estimators.py`` and
+``refresh_memory.py`` and writes one MyST Markdown page: cost in XLA's FLOPs
+first, then wall time, memory, eigenvector quality, finite-difference
+accuracy and the estimators' cost, each table under the command that
+produced it::
 
-  python benchmarks/report.py > /tmp/performance.md
+  python benchmarks/report.py                 # writes docs/performance.md
+  python benchmarks/report.py --out -         # prints it
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -18,67 +21,273 @@ import sys
 
 import _common
 
-# XSAM.md, "Measured anchors" (H100, 2026-11-27).
-REFERENCE = [
-    ("reference PyTorch: SGD / SAM", "14.1 / 31.2", None),
-    ("reference PyTorch: X-SAM, refresh every 5", "96.3", 3.08),
-    ("reference PyTorch: X-SAM, refresh every 3", "141.2", 4.20),
-    ("plain JAX: SGD / SAM", "7.9 / 17.0", None),
-    ("plain JAX: X-SAM every 5, lax.cond", "34.4", 2.02),
-    ("plain JAX: X-SAM every 5, host-chosen", "30.6", 1.80),
-]
-REFERENCE_REFRESH = ("one refresh (5 HVPs): 23.4 gradients in the reference "
-                     "(double backward), 10.2 in plain JAX (unrolled), 12.2 "
-                     "with lax.fori_loop; one HVP 2.35 gradients on the full "
-                     "batch, 1.09 on a quarter")
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = ("cnn", "mlp", "resnet18")
+MODEL_NAMES = {"cnn": "CNN", "mlp": "MLP", "resnet18": "ResNet-18"}
 
 
-def step_section(d) -> str:
-  env, cfg = d["environment"], d["config"]
-  where = (f"{env['device_kind']}" if env["backend"] == "gpu"
-           else f"{env['cpu_count']}-core CPU")
-  head = (f"#### Step cost: {cfg['model_description']}, batch "
-          f"{cfg['batch_size']}, {where} (jax {env['jax']})\n\n"
-          f"`{d.get('command', 'python benchmarks/step_overhead.py')}`\n")
+def _command(cmd: str) -> str:
+  return f"```bash\n{cmd}\n```\n"
+
+
+def _where(env: dict) -> str:
+  if env["backend"] == "gpu":
+    return env["device_kind"]
+  return f"{env['cpu_count']}-core CPU"
+
+
+def _load(env: dict) -> str:
+  parts = [env.get(k) for k in ("load_average_at_start",
+                                "load_average_at_timing",
+                                "load_average_at_end")]
+  return " / ".join(f"{p[0]:.1f}" for p in parts if p)
+
+
+def _path(r: dict) -> str:
+  if r["optimizer"] != "xsam":
+    return "-"
+  if r["schedule"]["update_every"] == 1:
+    return "both (no cond)"
+  return {"host": "host", "none": "refresh=None",
+          "cond": "refresh=None, lax.cond"}[r["path"]]
+
+
+def _x(v, digits=2):
+  return None if v is None else f"{v:.{digits}f}"
+
+
+def flops_section(runs: dict) -> str:
+  """One table: every X-SAM schedule's FLOPs per step over SAM's, per model."""
+  models = [m for m in MODELS if m in runs]
+  order, table = [], {}
+  for m in models:
+    for r in runs[m]["rows"]:
+      if r["path"] == "host" or r["optimizer"] != "xsam":
+        name = r["name"].removeprefix("X-SAM ")
+        if name not in table:
+          order.append(name)
+          table[name] = {}
+        table[name][m] = r["flops_ratio_to_sam"]
+  rows = [[name] + [_x(table[name].get(m)) for m in models] for name in order]
+  header = ["schedule (host path)"] + [
+      f"{MODEL_NAMES[m]} FLOPs x SAM" for m in models]
+  lines = [
+      "## Cost in FLOPs", "",
+      "What a step costs on an accelerator is, to first order, what XLA counts "
+      "in the compiled step: its FLOPs (`compiled.cost_analysis()`). Wall time "
+      "on a CPU misleads twice: the CPU's balance of costs (convolutions "
+      "against element-wise work and memory traffic) is not an accelerator's, "
+      "and XLA:CPU runs convolutions inside a `lax.cond` branch several times "
+      "slower than at top level. The FLOP count is the same on every platform, "
+      "so this page leads with it.", "",
+      "A row is X-SAM's training step averaged over one refresh period, over "
+      "SAM's step: for a refresh every `k` steps, one step with the refresh "
+      "and `k - 1` without, each counted in its own compiled program (the "
+      "host path, `refresh=refresh_due(step, k)`). A `lax.cond` program's "
+      "count includes both branches, so it is not used. Every step is the "
+      "training CLI's whole step (clean gradient, SAM ascent, refresh, "
+      "correction, SGD with momentum and weight decay).", "",
+      _common.format_table(header, rows), ""]
+  for m in models:
+    d = runs[m]
+    cfg = d["config"]
+    lines += [f"- {MODEL_NAMES[m]}: {cfg['model_description']}, batch "
+              f"{cfg['batch_size']}, {cfg['param_count']:,} parameters. "
+              + "; ".join(s for s in d["summary"] if s.startswith("XLA")) + "."]
+  lines += ["", "Commands:", "",
+            _command("\n".join(runs[m]["command"] for m in models))]
+  return "\n".join(lines)
+
+
+def _step_name(schedule_name: str) -> str:
+  """The step benchmark's row for a quality benchmark's schedule name."""
+  if schedule_name == "power 5 every 5":
+    return "X-SAM reference (power 5 every 5)"
+  return f"X-SAM {schedule_name}"
+
+
+def choice_section(steps: dict, d: dict) -> str:
+  """Each scored schedule's FLOPs next to whether it holds the reference's quality."""
+  import numpy as np
+  import quality
+
+  models = [m for m in MODELS if m in steps]
+  flops = {m: {r["name"]: r["flops_ratio_to_sam"] for r in steps[m]["rows"]
+               if r["path"] == "host"} for m in models}
+  problems = list(d["results"])
   rows = []
-  for r in d["rows"]:
-    path = ("refresh=None" if r["path"] == "none" else
-            ("host" if r["optimizer"] == "xsam" else "-"))
-    if r["optimizer"] == "xsam" and r["schedule"]["update_every"] == 1:
-      path = "both (no cond)"
-    mem = r.get("memory_minus_sam_params")
-    rows.append((r["name"], path, r["step_ms"], r["ratio_to_sam"],
-                 None if mem is None else f"{mem:.0f}"))
+  for i, r0 in enumerate(d["results"][problems[0]]["rows"]):
+    worst = min(
+        float(np.mean(d["results"][p]["rows"][i][kind]
+                      ["minus_reference_per_seed"]))
+        for p in problems for kind in ("batch", "large"))
+    step = _step_name(r0["name"])
+    ratios = [flops[m].get(step) for m in models]
+    rows.append([r0["name"]] + [_x(v) for v in ratios]
+                + [f"{worst:+.3f}",
+                   "yes" if worst >= -quality.TOLERANCE else ""])
+  # Cheapest first by the last model's count; schedules it did not price last.
+  rows.sort(key=lambda row: float("inf") if row[len(models)] is None
+            else float(row[len(models)]))
+  header = (["schedule"] + [f"{MODEL_NAMES[m]} FLOPs x SAM" for m in models]
+            + ["worst mean - reference", "holds the reference's quality"])
+  seeds = sorted({int(s) for r in d["results"].values() for s in r["per_seed"]})
+  return "\n".join([
+      "## Cost at the reference's quality", "",
+      "The schedules of the quality benchmark (below) priced in FLOPs (above), "
+      "cheapest first by the last model's count. \"worst mean - reference\": "
+      "over the models "
+      f"({', '.join(problems)}) and both oracles, the lowest mean over seeds "
+      f"({', '.join(map(str, seeds))}) of the schedule's score minus the "
+      "reference's (power 5 every 5); a schedule holds the reference's quality "
+      f"when that is at least -{quality.TOLERANCE}. Gauss-Newton products "
+      "need the model's outputs and a loss convex in them "
+      "(`gauss_newton_fn`).", "",
+      _common.format_table(header, rows), ""])
+
+
+def wall_section(d: dict) -> str:
+  env, cfg = d["environment"], d["config"]
+  rows = [(r["name"], _path(r), _x(r["flops_ratio_to_sam"]), r["step_ms"],
+           _x(r["ratio_to_sam"]), _x(r["ratio_to_every_step"]),
+           None if r.get("memory_minus_sam_params") is None
+           else f"{r['memory_minus_sam_params']:.1f}")
+          for r in d["rows"]]
   table = _common.format_table(
-      ("variant", "path", "step ms", "x SAM", "memory - SAM's, x params"), rows)
-  notes = " ".join(d.get("summary", []))
-  return "\n".join([head, table, "", notes + ". \"host\": `refresh="
-                    "refresh_due(step, k)`; \"refresh=None\": one jitted step "
-                    "(`lax.cond` for periodic refreshes). Memory: XLA's "
-                    "accounting of the compiled step (the refresh step for "
-                    "host rows) minus SAM's."]) + "\n"
+      ("variant", "path", "FLOPs x SAM", "step ms", "wall x SAM",
+       "wall x every step", "memory - SAM's, x params"), rows)
+  wall = [s for s in d["summary"] if s.startswith("wall")]
+  return "\n".join([
+      f"### {MODEL_NAMES[d['model']]}: {cfg['model_description']}, batch "
+      f"{cfg['batch_size']}, {_where(env)} (jax {env['jax']})", "",
+      _command(d["command"]),
+      f"Load average (1 min) at start / timing / end: {_load(env)}; "
+      f"{cfg['rounds']} interleaved rounds of "
+      f"{cfg.get('steps_per_sample', 1)} step(s) per sample (whole refresh "
+      "periods), medians. "
+      + "; ".join(wall) + ".", "", table, ""])
 
 
-def quality_section(d) -> str:
+def wall_intro() -> str:
+  return "\n".join([
+      "## Wall time on CPU", "",
+      "Wall-time ratios measured side by side in one process (interleaved "
+      "rounds, so a busy machine slows every row alike), on a shared 2-core "
+      "machine whose load is given with each table. \"host\": "
+      "`refresh=refresh_due(step, k)`, two compiled steps. \"refresh=None\": "
+      "one jitted step that follows the schedule by itself; on CPU the "
+      "library compiles it to a step that computes the refresh at every step "
+      "and keeps it on refresh steps only, because XLA:CPU runs the "
+      "convolutions of a product inside `lax.cond` several times slower (on "
+      "accelerators it stays a `lax.cond`, which skips the work). "
+      "\"refresh=None, lax.cond\": the `lax.cond` program timed on CPU for "
+      "comparison. \"wall x every step\": over the row refreshing every step "
+      "with the same products. Memory: XLA's accounting of the compiled step "
+      "(arguments + outputs + temporaries - aliased, the largest of a row's "
+      "programs) minus SAM's, in units of the parameters' size.", ""])
+
+
+def memory_section(d: dict) -> str:
   cfg = d["config"]
-  subset = (f", schedules matching `{cfg['only']}` and the reference"
-            if cfg.get("only") else "")
-  lines = [f"#### Eigenvector quality: |cos(v_t, u_t)| at every "
-           f"{cfg['score_stride']}th step{subset}",
-           "", f"`{d['command']}`", ""]
-  for name, r in d["results"].items():
-    lines.append(f"- `{name}`: {r['description']}; large batch "
-                 f"{r['large_batch_examples']} examples")
-  lines += ["", f"Trajectory: {cfg['steps']} steps of {cfg['trajectory']}; seeds "
-            f"{cfg['seeds']}; oracle {cfg['oracle']}. Cells: mean over seeds "
-            "of the per-seed mean (range over seeds). \"all >= reference\": "
-            "the mean over seeds at least the reference's on both oracles and "
-            "both models.", ""]
-  lines.append(d.get("table") or "(incomplete)")
+  lines = [
+      "## Memory", "",
+      f"XLA's `memory_analysis()` of the compiled training step, "
+      f"{cfg['model']}, batch {cfg['batch_size']} "
+      f"({cfg['param_count']:,} parameters, "
+      f"{cfg['param_bytes'] / 2 ** 20:.1f} MiB), compiled on a CPU, in "
+      "units of the parameters' size (the small batch makes the "
+      "parameter-sized buffers, the part X-SAM adds whatever the batch, "
+      "dominate); and the buffers live at the peak of each program's heap, "
+      "from XLA's buffer assignment: the step's arguments (parameters, "
+      "optimizer state, batch), temporaries of a parameter leaf's size in "
+      "any layout (gradients, SAM point, products, estimator vectors, "
+      "transposed kernel copies) and other temporaries (activations and "
+      "their tangents). The state is donated, so outputs alias arguments.",
+      "", _command(d["command"]), d["table"], ""]
+  for label, r in d["results"].items():
+    if label == "SAM":
+      continue
+    key = next(k for k in r["peak"] if k.startswith("parameter-"))
+    items = "; ".join(f"`{what}` {size / cfg['param_bytes']:.2f}"
+                      for what, size in r["peak"][key]["largest"][:4])
+    lines.append(f"- {label}: largest parameter-sized temporaries at the "
+                 f"peak (x params, by the JAX operation that made them): "
+                 f"{items}.")
   return "\n".join(lines) + "\n"
 
 
-def fd_section(d) -> str:
+def batch_memory_section(d: dict) -> str:
+  """Memory of a step run's compiled programs (its full batch), x params."""
+  cfg = d["config"]
+  pb = cfg["param_bytes"]
+  names = {"('sam',)": "SAM",
+           "('xsam', 'plain', False)": "X-SAM step without refresh"}
+  for r in d["rows"]:
+    if r["optimizer"] == "xsam" and r["path"] == "host":
+      s = r["schedule"]
+      key = str(("xsam", (s["method"], s["num_iters"], s["fraction"],
+                          s["product"]), True))
+      product = {"hvp": "Hessian", "gn": "Gauss-Newton",
+                 "fd": "finite differences"}[s["product"]]
+      names.setdefault(key, f"X-SAM refresh step, {s['method']} "
+                            f"{s['num_iters']}, {product}")
+  sam = d["memory_xla"]["('sam',)"]
+  rows = []
+  for key, label in names.items():
+    total, parts = d["memory_xla"].get(key), d["memory_breakdown"].get(key)
+    if total is None or parts is None:
+      continue
+    rows.append((label, _x(total / pb), _x((total - sam) / pb),
+                 _x(parts["argument"] / pb), _x(parts["temp"] / pb)))
+  return "\n".join([
+      f"### {MODEL_NAMES[d['model']]} at batch {cfg['batch_size']}", "",
+      "The same accounting for the programs of the FLOP table's run (batch "
+      f"{cfg['batch_size']}, compiled on a CPU), where activations and their "
+      "tangents dominate.", "", _command(d["command"]),
+      _common.format_table(("program", "XLA total x params", "- SAM's",
+                            "arguments", "temporaries"), rows), ""])
+
+
+def quality_section(d: dict, title: str) -> str:
+  cfg = d["config"]
+  subset = (f" Schedules matching `{cfg['only']}` and the reference."
+            if cfg.get("only") else "")
+  lines = [f"### {title}", "", _command(d["command"])]
+  for name, r in d["results"].items():
+    seeds = sorted(r["per_seed"], key=int)
+    lines.append(f"- `{name}`: {r['description']}; large batch "
+                 f"{r['large_batch_examples']} examples; seeds "
+                 f"{', '.join(map(str, seeds))}")
+  bar = next((h for h in (d.get("table") or "").split("\n")[0].split("|")
+              if "reference" in h), "").strip()
+  lines += ["", f"Trajectory: {cfg['steps']} steps of {cfg['trajectory']}; "
+            f"oracle {cfg['oracle']}; scored every {cfg['score_stride']}th "
+            "step. Cells: mean over seeds of the per-seed mean of "
+            "|cos(v_t, u_t)| (range over seeds). The last column: the mean "
+            "over seeds at least the reference's (power 5 every 5) on both "
+            "oracles and every model"
+            + (" minus 0.01" if "0.01" in bar else "") + "." + subset, ""]
+  if not d.get("complete", True):
+    lines += ["(Run stopped before every seed finished: the seeds above.)", ""]
+  lines.append(d.get("table") or _table_of(d))
+  return "\n".join(lines) + "\n"
+
+
+def _quality_title(d: dict) -> str:
+  rows = next(iter(d["results"].values()))["rows"]
+  n = len(d["results"])
+  if any(r["product"] == "gn" for r in rows):
+    return (f"Hessian, Gauss-Newton and finite-difference products, {n} "
+            "models")
+  return f"A wider sweep of Hessian schedules, {n} models ({d['environment']['time'][:10]})"
+
+
+def _table_of(d: dict) -> str:
+  import quality
+  return quality.table(d["results"])
+
+
+def fd_section(d: dict) -> str:
   rows = []
   for name, r in d["results"].items():
     for a in r["accuracy"]:
@@ -91,86 +300,111 @@ def fd_section(d) -> str:
                                  if v.get("convolutions") else "")
                               for k, v in r["cost"].items() if k != "gradient")
       for name, r in d["results"].items())
-  return ("#### Finite-difference products against the exact product\n\n"
-          f"`{d['command']}`; {d['step_size_rule']}\n\n"
+  return ("## Finite-difference products against the exact product\n\n"
+          f"{_command(d['command'])}\n"
+          f"Products: `{d.get('products', 'finite differences')}`; step "
+          f"{d['step_size_rule']}; error against the exact product along the "
+          "top eigenvector (20 exact power steps).\n\n"
           + _common.format_table(("problem", "point", "dtype", "scale",
-                                  "rel. error", "|cos|"), rows)
-          + f"\n\nOne training step with one product per step, in gradients: {cost}.\n")
+                                  "rel. error", "abs. cosine"), rows)
+          + f"\n\nOne training step with one product per step, in "
+            f"gradients (wall, {d['environment']['cpu_count']}-core CPU): "
+            f"{cost}.\n")
 
 
-def memory_section(d) -> str:
-  """A ``step_overhead.py --no-timing`` run: XLA's memory of each step only."""
-  cfg = d["config"]
-  rows = [(r["name"], "refresh=None" if r["path"] == "none" else
-           ("host" if r["optimizer"] == "xsam" else "-"),
-           None if r.get("memory_minus_sam_params") is None
-           else f"{r['memory_minus_sam_params']:.2f}")
-          for r in d["rows"]]
-  return (f"#### Step memory: {cfg['model_description']}, batch "
-          f"{cfg['batch_size']}, compiled on CPU\n\n`{d['command']}`\n\n"
-          + _common.format_table(("variant", "path", "memory - SAM's, x params"),
-                                 rows)
-          + f"\n\n{cfg['param_count']:,} parameters ({' '.join(d['summary'])}). "
-          "XLA's accounting of each compiled step (arguments + outputs + "
-          "temporaries - aliased, state donated) minus SAM's step, in units of "
-          "the parameters' size; the refresh step for host rows.\n")
-
-
-def refresh_memory_section(d) -> str:
+def refresh_memory_section(d: dict) -> str:
   rows = list(d["results"].items())
-  return ("#### Memory of one refresh, a dense MLP of "
+  return ("### Memory of one refresh, a dense MLP of "
           f"{d['config']['param_bytes'] / 2 ** 20:.1f} MiB of parameters\n\n"
-          f"`{d['command']}`\n\n"
+          f"{_command(d['command'])}\n"
           + _common.format_table(("refresh", "memory - no refresh, x params"),
                                  rows) + "\n")
 
 
-def estimator_section(d) -> str:
+def estimator_section(d: dict) -> str:
   env = d["environment"]
   rows = [(name, r["median_ms"], r["ratio_to_gradient"],
            r.get("ratio_to_top_level_unrolled"))
           for name, r in d["results"].items()]
-  return (f"#### Estimators, {d['config']['model']}, batch "
+  return (f"## Estimators and control flow on CPU\n\n"
+          f"{d['config']['model']}, batch "
           f"{'x'.join(map(str, d['config']['batch']))}, "
-          f"{env['cpu_count']}-core {env['backend']} (jax {env['jax']})\n\n"
-          f"`{d.get('command', 'python benchmarks/estimators.py')}`\n\n"
+          f"{env['cpu_count']}-core {env['backend']} (jax {env['jax']}).\n\n"
+          f"{_command(d.get('command', 'python benchmarks/estimators.py'))}\n"
           + _common.format_table(("what", "ms", "x gradient", "x plain twin"),
                                  rows) + "\n")
 
 
-def main() -> int:
-  here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-  out = ["### Performance", "",
-         "Reference numbers (XSAM.md; H100, CIFAR-style ResNet-18, batch 256, "
-         "fp32, synthetic data):", "",
-         _common.format_table(("", "step ms", "x SAM"), REFERENCE), "",
-         REFERENCE_REFRESH + ".", ""]
-  order = {"quality": 0, "step_overhead": 1, "refresh_memory": 2,
-           "fd_accuracy": 3, "estimators": 4}
-
-  def rank(path):
-    with open(path) as f:
-      return order.get(json.load(f).get("benchmark"), 9), path
-
-  for path in sorted(glob.glob(os.path.join(here, "*.json")), key=rank):
+def page(results_dir: str) -> str:
+  runs = {}
+  for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
     with open(path) as f:
       d = json.load(f)
-    if d.get("benchmark") == "step_overhead" and d.get("timings") is None:
-      out.append(memory_section(d))
-      continue
-    if d.get("smoke"):
-      continue
-    if d.get("benchmark") == "step_overhead":
-      out.append(step_section(d))
-    elif d.get("benchmark") == "quality":
-      out.append(quality_section(d))
-    elif d.get("benchmark") == "refresh_memory":
-      out.append(refresh_memory_section(d))
-    elif d.get("benchmark") == "fd_accuracy":
-      out.append(fd_section(d))
-    elif d.get("benchmark") == "estimators":
-      out.append(estimator_section(d))
-  print("\n".join(out))
+    if not d.get("smoke"):
+      runs.setdefault(d.get("benchmark"), []).append(d)
+  by_model = {}
+  for d in runs.get("step_overhead", []):
+    if "model" in d:
+      by_model.setdefault(d["model"], []).append(d)
+  # FLOPs from each model's run with the most rows; wall from every run.
+  steps = {m: max(ds, key=lambda d: len(d["rows"]))
+           for m, ds in by_model.items()}
+  out = ["# Performance", "",
+         "Every number on this page is written by a script in `benchmarks/` "
+         "into `benchmarks/results/`, and the page by `python "
+         "benchmarks/report.py`; the command above each table reruns it. "
+         "Ratios are measured side by side in one process; nothing here is "
+         "timed in a test.", ""]
+  if steps:
+    out.append(flops_section(steps))
+  scored = [d for d in runs.get("quality", [])
+            if any(r["product"] == "gn"
+                   for r in next(iter(d["results"].values()))["rows"])]
+  if steps and scored:
+    out.append(choice_section(steps, scored[0]))
+  timed = [d for m in MODELS for d in by_model.get(m, []) if d["timings"]]
+  if timed:
+    out.append(wall_intro())
+    out += [wall_section(d) for d in timed]
+  for d in runs.get("step_memory", []):
+    out.append(memory_section(d))
+  if "resnet18" in steps and steps["resnet18"].get("memory_breakdown"):
+    out.append(batch_memory_section(steps["resnet18"]))
+  for d in runs.get("refresh_memory", []):
+    out.append(refresh_memory_section(d))
+  # Newest run first.
+  quality = sorted(runs.get("quality", []),
+                   key=lambda d: d["environment"]["time"], reverse=True)
+  if quality:
+    out += ["## Eigenvector quality", "",
+            "How well the vector each schedule holds at every step tracks the "
+            "top eigenvector of the Hessian of the step's batch loss (vs "
+            "batch) and of a large batch (vs large), along one fixed SAM "
+            "trajectory per seed (`benchmarks/quality.py`). Gauss-Newton "
+            "schedules are scored against the same Hessian oracles.", ""]
+    for d in quality:
+      out.append(quality_section(d, _quality_title(d)))
+  for d in runs.get("fd_accuracy", []):
+    out.append(fd_section(d))
+  for d in runs.get("estimators", []):
+    out.append(estimator_section(d))
+  return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--results", default=os.path.join(HERE, "results"))
+  p.add_argument("--out", default=os.path.join(HERE, os.pardir, "docs",
+                                               "performance.md"),
+                 help="the page to write; - prints it")
+  args = p.parse_args(argv)
+  text = page(args.results)
+  if args.out == "-":
+    print(text, end="")
+  else:
+    with open(args.out, "w") as f:
+      f.write(text)
+    print(f"wrote {os.path.normpath(args.out)}")
   return 0
 
 

@@ -1,14 +1,26 @@
-"""X-SAM's step time over SAM's, schedule by schedule, on both refresh paths, and memory.
+"""X-SAM's step cost over SAM's, schedule by schedule: XLA's FLOPs, wall time, memory.
 
-Why this score: what a user pays for X-SAM is the time of its training step
-next to SAM's, averaged over a refresh period, on the path their loop takes:
-``refresh=xsam_optax.refresh_due(step, k)`` from the host (two compiled
-steps), or ``refresh=None`` inside one jitted step (``nnx.Optimizer``,
-``lax.scan``, the docstring examples), where a periodic refresh runs under
-``lax.cond``. Both are measured for each schedule, side by side in one
-process, as ratios to SAM's step measured alongside. Which schedules are
-worth running is the quality benchmark's question (``quality.py``); this one
-prices them.
+Why these scores: what a user pays for X-SAM is its training step next to
+SAM's, averaged over a refresh period. Two measures of it, side by side:
+
+* **FLOPs**, XLA's own count of the compiled steps (``cost_analysis()``),
+  portable across platforms: a CPU's balance of costs is not an
+  accelerator's, and XLA:CPU runs the convolutions inside a ``lax.cond``
+  several times slower than at top level, so CPU wall time misleads twice.
+  A row's count is amortised over its period from the host path's two
+  programs (one refresh step, ``update_every - 1`` plain steps): a program
+  with a ``lax.cond`` counts both branches, so it is never used.
+* **Wall time** on the machine at hand, on the path the user's loop takes:
+  ``refresh=xsam_optax.refresh_due(step, k)`` from the host (two compiled
+  steps), or ``refresh=None`` inside one jitted step (``nnx.Optimizer``,
+  ``lax.scan``, the docstring examples). On CPU the library compiles a
+  periodic ``refresh=None`` schedule to a program that refreshes at every
+  step and keeps the result on refresh steps only; the ``lax.cond`` program
+  it replaced (still the one on accelerators) is timed beside it
+  (``cond`` rows). Ratios to SAM's step measured in the same run.
+
+Which schedules are worth running is the quality benchmark's question
+(``quality.py``); this one prices them.
 
 Every step is the CLI's whole training step (``xsam_optax.train.loop
 .make_train_step``: clean ``value_and_grad``, ``tx.update`` with ``grad_fn`` of
@@ -17,33 +29,31 @@ the state donated, jitted and compiled ahead of time (``_steps.py``). A row's
 time is one refresh period (``update_every`` steps) divided by its length;
 medians of interleaved rounds after warm-up (``_common.py``). "gradient" is a
 jitted ``value_and_grad`` of the training loss alone; "hvp" one exact
-Hessian-vector product.
+Hessian-vector product; "gn" one Gauss-Newton product of the logits.
 
 Memory: XLA's accounting of each compiled step (``memory_analysis()``:
 arguments + outputs + temporaries - aliased), for a row the largest of its
 programs, minus SAM's step, in units of the parameters' size; on GPU also
 the allocator's process-wide peak.
 
-Configurations:
+Models (``--model``):
 
-* ``--device cpu``: the CLI's CNN (3 Conv+BatchNorm blocks, 32 channels) on
-  MNIST-1D, batch 128;
-* ``--device gpu``: CIFAR-style ResNet-18 (BatchNorm), batch 256 of
-  synthetic 32x32x3 data, fp32, as the anchors of XSAM.md (programs compile
-  in parallel threads);
-* ``--smoke``: tiny sizes to check the script end to end; ``--device gpu
-  --smoke --batch-size 2`` compiles ResNet-18 on a CPU, which is how the
-  ResNet-18 memory column is measured without a GPU.
+* ``cnn``: the CLI's CNN (3 Conv+BatchNorm blocks, 32 channels) on MNIST-1D,
+  batch 128 (the default on ``--device cpu``);
+* ``mlp``: the CLI's MLP (2x128 ReLU) on scikit-learn's digits, batch 128;
+* ``resnet18``: CIFAR-style ResNet-18 (BatchNorm), batch 256 of synthetic
+  32x32x3 data, fp32, as the anchors of XSAM.md (the default on ``--device
+  gpu``; on a CPU, ``--no-timing`` compiles it for FLOPs and memory only).
 
 Usage::
 
-  python benchmarks/step_overhead.py --device cpu
+  python benchmarks/step_overhead.py --device cpu --json benchmarks/results/cpu-cnn-cpu2.json
+  python benchmarks/step_overhead.py --device cpu --model mlp
+  python benchmarks/step_overhead.py --device cpu --model resnet18 --no-timing
   python benchmarks/step_overhead.py --device gpu
-  python benchmarks/step_overhead.py --device gpu --smoke --batch-size 2 \\
-      --json benchmarks/results/memory-resnet18-cpu2.json
 
-Writes ``benchmarks/results/<device>-<card or cpu>.json`` (``--json`` to
-change). Not a test: nothing here asserts a time.
+Writes ``benchmarks/results/<device>-<model>-<card or cpu>.json`` (``--json``
+to change). Not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -60,38 +70,48 @@ from _schedules import Schedule
 from _steps import Row
 
 REFERENCE = Schedule("power", 5, 5)
-OLD_DEFAULTS = Schedule("lanczos", 4, 5)
 
 
-def rows() -> list[Row]:
-  """SGD, SAM, and X-SAM schedules (quality.py's candidates), on both paths."""
+def schedules() -> list[tuple[str, Schedule]]:
+  """The priced schedules: Hessian, Gauss-Newton and finite-difference products."""
+  out = [("reference (power 5 every 5)", REFERENCE),
+         ("power 5 every 1", Schedule("power", 5, 1))]
+  for product, label in (("hvp", ""), ("gn", ", Gauss-Newton"),
+                         ("fd", ", finite differences")):
+    for k in (1, 2, 3, 5):
+      if product == "fd" and k == 5:
+        continue
+      out.append((f"power 1 every {k}{label}",
+                  Schedule("power", 1, k, product=product)))
+  out.append(("power 5 every 5, Gauss-Newton", Schedule("power", 5, 5, product="gn")))
+  return out
+
+
+def rows(paths=("host", "none", "cond")) -> list[Row]:
+  """SGD, SAM, and X-SAM schedules on the requested paths.
+
+  ``cond`` rows only for the Hessian schedules every 2, 3 and 5 steps: what
+  ``refresh=None`` cost on CPU before the unconditional program.
+  """
   out = [Row("SGD", "sgd"), Row("SAM", "sam")]
-  schedules = [
-      ("reference (power 5 every 5)", REFERENCE),
-      ("old defaults (Lanczos 4 every 5)", OLD_DEFAULTS),
-      ("power 1 every 1", Schedule("power", 1, 1)),
-      ("power 1 every 1, 1/2 batch", Schedule("power", 1, 1, 0.5)),
-      ("power 1 every 1, finite differences", Schedule("power", 1, 1, product="fd")),
-      ("power 1 every 2", Schedule("power", 1, 2)),
-      ("power 1 every 2, finite differences", Schedule("power", 1, 2, product="fd")),
-      ("power 1 every 3", Schedule("power", 1, 3)),
-      ("power 1 every 3, finite differences", Schedule("power", 1, 3, product="fd")),
-      ("power 2 every 5", Schedule("power", 2, 5)),
-      ("power 1 every 1, at the SAM point", Schedule("power", 1, 1, point="sam")),
-      ("power 1 every 2, at the SAM point", Schedule("power", 1, 2, point="sam")),
-  ]
-  for name, s in schedules:
-    out.append(Row(f"X-SAM {name}", "xsam", s, "host"))
-    if s.update_every > 1:
+  for name, s in schedules():
+    if "host" in paths:
+      out.append(Row(f"X-SAM {name}", "xsam", s, "host"))
+    if s.update_every > 1 and "none" in paths:
       out.append(Row(f"X-SAM {name}, refresh=None", "xsam", s, "none"))
+    if (s.update_every > 1 and "cond" in paths and s.product == "hvp"):
+      out.append(Row(f"X-SAM {name}, refresh=None under lax.cond", "xsam", s,
+                     "cond"))
   return out
 
 
 CONFIGS = {
-    "cpu": dict(model="cnn", data="mnist1d", batch_size=128, rounds=21,
+    "cnn": dict(model="cnn", data="mnist1d", batch_size=128, rounds=21,
                 num_batches=31, learning_rate=0.05),
-    "gpu": dict(model="resnet18", data="synthetic", batch_size=256, rounds=15,
-                num_batches=5, learning_rate=0.05),
+    "mlp": dict(model="mlp", data="digits", batch_size=128, rounds=21,
+                num_batches=10, learning_rate=0.05),
+    "resnet18": dict(model="resnet18", data="synthetic", batch_size=256,
+                     rounds=15, num_batches=5, learning_rate=0.05),
 }
 SMOKE = dict(batch_size=16, rounds=2, num_batches=3)
 
@@ -101,9 +121,19 @@ def parse_args(argv):
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   p.add_argument("--device", choices=("cpu", "gpu"), required=True)
+  p.add_argument("--model", choices=tuple(CONFIGS), default=None,
+                 help="default: cnn on cpu, resnet18 on gpu")
+  p.add_argument("--paths", nargs="+", choices=("host", "none", "cond"),
+                 default=("host", "none", "cond"),
+                 help="which paths' X-SAM rows to compile (FLOPs come from "
+                      "the host path)")
   p.add_argument("--batch-size", type=int, default=None)
   p.add_argument("--rounds", type=int, default=None,
                  help="interleaved timing samples per row")
+  p.add_argument("--steps-per-sample", type=int, default=None,
+                 help="steps per timing sample, in whole refresh periods "
+                      "(default 1: one period); more steps average out a "
+                      "busy machine's scheduling noise")
   p.add_argument("--only", default=None,
                  help="regex: keep only the X-SAM rows whose name matches "
                       "(SGD and SAM always run)")
@@ -124,13 +154,13 @@ def make_batches(config, seed=0):
   import jax.numpy as jnp
 
   b, nb = config["batch_size"], config["num_batches"]
-  if config["data"] == "mnist1d":
+  if config["data"] in ("mnist1d", "digits"):
     from xsam_optax.train import data as data_lib
-    ds = data_lib.load_dataset("mnist1d")
+    ds = data_lib.load_dataset(config["data"])
     n = min(nb, len(ds.x_train) // b)
     return [(jnp.asarray(ds.x_train[i * b:(i + 1) * b]),
              jnp.asarray(ds.y_train[i * b:(i + 1) * b])) for i in range(n)], \
-        ds.num_classes, "MNIST-1D training set"
+        ds.num_classes, f"{config['data']} training set"
   out = []
   for key in jax.random.split(jax.random.key(seed), nb):
     kx, ky = jax.random.split(key)
@@ -145,6 +175,10 @@ def make_model(config, num_classes):
     return (models.make_model("cnn", num_classes=num_classes),
             "xsam_optax.train.models.CNN: 3x (Conv k3, 32 ch, BatchNorm, "
             "ReLU), stride 2 after the first; Dense")
+  if config["model"] == "mlp":
+    from xsam_optax.train import models
+    return (models.make_model("mlp", num_classes=num_classes),
+            "xsam_optax.train.models.MLP: 2x128 ReLU, no BatchNorm")
   import _resnet
   return (_resnet.resnet18(num_classes),
           "CIFAR-style ResNet-18 (BasicBlock 2-2-2-2, BatchNorm)")
@@ -178,16 +212,25 @@ def measure(args, config, table_rows):
   x0, y0 = batches[0]
   variables = loop.init_variables(model, x0, seed=0)
   lr = config["learning_rate"]
-  states = {r.name: _steps.init_state(model, r, x0, seed=0, learning_rate=lr,
-                                      variables=variables)
-            for r in table_rows}
+  # The optimizer states' initial values depend on the optimizer only (the
+  # schedule's settings are static), so rows share them (each row's runner
+  # copies its own).
+  by_kind, states = {}, {}
+  for r in table_rows:
+    kind = (r.optimizer, r.schedule.method if r.schedule else None)
+    if kind not in by_kind:
+      by_kind[kind] = _steps.init_state(model, r, x0, seed=0,
+                                        learning_rate=lr, variables=variables)
+    states[r.name] = by_kind[kind]
   params, stats = variables["params"], variables.get("batch_stats", {})
   print(f"# {model_desc}; batch {config['batch_size']}; jax {env['jax']} on "
         f"{env['backend']} ({env['device_kind']}), load "
         f"{env['load_average_at_start']}", flush=True)
 
   lowered = {("gradient",): _steps.gradient_fn(model).lower(params, stats, x0, y0),
-             ("hvp",): _steps.hvp_fn(model).lower(params, stats, x0, y0, params)}
+             ("hvp",): _steps.hvp_fn(model).lower(params, stats, x0, y0, params),
+             ("gn",): _steps.gauss_newton_product_fn(model).lower(
+                 params, stats, x0, y0, params)}
   for r in table_rows:
     for key in r.programs().values():
       if key not in lowered:
@@ -200,14 +243,24 @@ def measure(args, config, table_rows):
         f"{compile_s:.0f} s", flush=True)
 
   memory = {str(k): _steps.xla_bytes(e) for k, e in exe.items()}
+  breakdown = {str(k): _steps.memory_breakdown(e) for k, e in exe.items()}
+  flops = {str(k): _steps.flops(e) for k, e in exe.items()}
   timings = None
   if not args.no_timing:
-    cands = {"gradient": lambda: exe[("gradient",)](params, stats, x0, y0),
-             "hvp": lambda: exe[("hvp",)](params, stats, x0, y0, params)}
-    per_call = {}
+    n = config["steps_per_sample"]
+
+    def repeated(key, *args):
+      return lambda: [exe[key](*args) for _ in range(n)][-1]
+
+    cands = {"gradient": repeated(("gradient",), params, stats, x0, y0),
+             "hvp": repeated(("hvp",), params, stats, x0, y0, params),
+             "gn": repeated(("gn",), params, stats, x0, y0, params)}
+    per_call = {"gradient": n, "hvp": n, "gn": n}
     for r in table_rows:
-      cands[r.name] = _steps.period_runner(r, exe, states[r.name], batches)
-      per_call[r.name] = r.period
+      periods = max(1, round(config["steps_per_sample"] / r.period))
+      cands[r.name] = _steps.period_runner(r, exe, states[r.name], batches,
+                                           periods)
+      per_call[r.name] = r.period * periods
     env["load_average_at_timing"] = _common.load_average()
     timings = _common.time_interleaved(cands, rounds=config["rounds"],
                                        per_call=per_call)
@@ -223,50 +276,124 @@ def measure(args, config, table_rows):
       "seconds": {"lowering": lower_s, "compile": compile_s,
                   "compile_each": compile_each},
       "timings": timings, "memory_xla": memory,
+      "memory_breakdown": breakdown, "flops": flops,
       "gpu_process_peak_bytes": peak}
+
+
+def every_step_twin(row: Row) -> str:
+  """The name of the host row refreshing every step with ``row``'s products."""
+  s = row.schedule
+  for name, other in schedules():
+    if (other.update_every == 1 and (other.method, other.num_iters,
+                                     other.fraction, other.product)
+        == (s.method, s.num_iters, s.fraction, s.product)):
+      return f"X-SAM {name}"
+  return ""
+
+
+def row_flops(row: Row, flops: dict) -> float | None:
+  """FLOPs per step: the host path's programs amortised over the period."""
+  roles = {role: flops.get(str(key)) for role, key in row.programs().items()}
+  if None in roles.values():
+    return None
+  if "step" in roles:
+    # A refresh=None program with a periodic schedule: on accelerators a
+    # lax.cond whose count includes both branches. Not used.
+    return None if row.path != "host" and row.period > 1 else roles["step"]
+  k = row.period
+  return (roles["refresh"] + (k - 1) * roles["plain"]) / k
+
+
+def path_label(x: dict) -> str:
+  if x["optimizer"] != "xsam":
+    return "-"
+  if x["schedule"]["update_every"] == 1:
+    return "both (no cond)"
+  return {"host": "host", "none": "refresh=None",
+          "cond": "refresh=None, lax.cond"}[x["path"]]
 
 
 def report(table_rows, m) -> tuple[list[dict], str]:
   import _common
 
-  timings, memory = m["timings"], m["memory_xla"]
+  timings, memory, flops = m["timings"], m["memory_xla"], m["flops"]
   ms = (lambda k: timings[k]["median_ms"]) if timings else (lambda k: None)
   row_bytes = {r.name: max((memory[str(k)] or 0) for k in r.programs().values())
                for r in table_rows}
   sam_bytes = row_bytes["SAM"]
+  sam_flops = row_flops(table_rows[[r.name for r in table_rows].index("SAM")],
+                        flops)
+  names = {r.name for r in table_rows}
   results = []
   for r in table_rows:
     step = ms(r.name)
     extra = row_bytes[r.name] - sam_bytes if row_bytes[r.name] else None
+    f = row_flops(r, flops)
+    twin = every_step_twin(r) if r.optimizer == "xsam" else ""
     results.append({
         "name": r.name, "optimizer": r.optimizer, "path": r.path,
         "schedule": None if r.schedule is None else {
             "method": r.schedule.method, "num_iters": r.schedule.num_iters,
             "update_every": r.schedule.update_every,
             "fraction": r.schedule.fraction, "product": r.schedule.product},
+        "flops_per_step": f,
+        "flops_ratio_to_sam": None if f is None or not sam_flops else f / sam_flops,
         "step_ms": step,
         "ratio_to_sam": None if step is None else step / ms("SAM"),
+        "every_step_twin": twin or None,
+        "ratio_to_every_step": (
+            step / ms(twin) if step is not None and twin in names
+            and twin != r.name else None),
         "step_ms_q1": timings[r.name]["q1_ms"] if timings else None,
         "step_ms_q3": timings[r.name]["q3_ms"] if timings else None,
         "memory_bytes": row_bytes[r.name],
         "memory_minus_sam_params": (None if extra is None or r.optimizer != "xsam"
                                     else extra / m["param_bytes"])})
+  header = ["variant", "path", "FLOPs x SAM"]
+  cells = lambda x: [x["name"], path_label(x), x["flops_ratio_to_sam"]]
+  if timings:
+    header += ["step ms", "wall x SAM", "wall x every step"]
+    cells_t = lambda x: cells(x) + [x["step_ms"], x["ratio_to_sam"],
+                                    x["ratio_to_every_step"]]
+  else:
+    cells_t = cells
+  header.append("memory - SAM's, x params")
   table = _common.format_table(
-      ("variant", "path", "step ms", "x SAM", "memory - SAM's, x params"),
-      [(x["name"], "refresh=None" if x["path"] == "none" else
-        ("host" if x["optimizer"] == "xsam" else "-"), x["step_ms"],
-        x["ratio_to_sam"], x["memory_minus_sam_params"]) for x in results])
+      header, [cells_t(x) + [x["memory_minus_sam_params"]] for x in results])
   return results, table
 
 
-def default_json_path(device, env, smoke):
+def summary(m) -> list[str]:
+  """Products and SAM's step in gradients: XLA's FLOPs, and wall time if timed."""
+  f = {k: m["flops"].get(str((k,))) for k in ("gradient", "hvp", "gn", "sam",
+                                              "sgd")}
+  lines = [f"parameters {m['param_bytes'] / 2**20:.3g} MiB "
+           f"({m['param_count']:,})"]
+  if f["gradient"]:
+    g = f["gradient"]
+    lines.append(
+        f"XLA FLOPs, in gradients: SAM step {f['sam'] / g:.2f}, SGD step "
+        f"{f['sgd'] / g:.2f}, one Hessian-vector product {f['hvp'] / g:.2f}, "
+        f"one Gauss-Newton product {f['gn'] / g:.2f}")
+  if m["timings"]:
+    t = {k: m["timings"][k]["median_ms"] for k in ("gradient", "hvp", "gn",
+                                                   "SAM")}
+    g = t["gradient"]
+    lines.append(
+        f"wall, in gradients ({g:.2f} ms): SAM step {t['SAM'] / g:.2f}, one "
+        f"Hessian-vector product {t['hvp'] / g:.2f}, one Gauss-Newton product "
+        f"{t['gn'] / g:.2f}")
+  return lines
+
+
+def default_json_path(device, model, env, smoke):
   here = os.path.dirname(os.path.abspath(__file__))
   if device == "gpu" and env["backend"] == "gpu":
     card = re.sub(r"[^a-z0-9]+", "-", env["device_kind"].lower()).strip("-")
   else:
     card = f"cpu{env['cpu_count']}"
   return os.path.join(here, "results",
-                      f"{device}-{card}{'-smoke' if smoke else ''}.json")
+                      f"{device}-{model}-{card}{'-smoke' if smoke else ''}.json")
 
 
 def main(argv=None) -> int:
@@ -280,30 +407,27 @@ def main(argv=None) -> int:
   if args.device == "gpu" and jax.default_backend() != "gpu" and not args.smoke:
     sys.exit(f"--device gpu: JAX's backend is {jax.default_backend()!r}; "
              "install jax[cuda12] or use --smoke to dry-run on CPU")
-  config = dict(CONFIGS[args.device])
+  model = args.model or {"cpu": "cnn", "gpu": "resnet18"}[args.device]
+  config = dict(CONFIGS[model])
   if args.smoke:
     config.update(SMOKE)
-  for key in ("batch_size", "rounds"):
+  config.setdefault("steps_per_sample", 1)
+  for key in ("batch_size", "rounds", "steps_per_sample"):
     if getattr(args, key) is not None:
       config[key] = getattr(args, key)
-  table_rows = [r for r in rows() if r.optimizer != "xsam" or not args.only
+  table_rows = [r for r in rows(args.paths)
+                if r.optimizer != "xsam" or not args.only
                 or re.search(args.only, r.name)]
   m = measure(args, config, table_rows)
   results, table = report(table_rows, m)
-  grad = m["timings"]["gradient"]["median_ms"] if m["timings"] else None
-  lines = [f"parameters {m['param_bytes'] / 2**20:.3g} MiB"]
-  if grad:
-    t = m["timings"]
-    lines.append(f"gradient {grad:.2f} ms; SAM step "
-                 f"{t['SAM']['median_ms'] / grad:.2f} gradients; one HVP "
-                 f"{t['hvp']['median_ms'] / grad:.2f} gradients")
+  lines = summary(m)
   print(table)
   print("\n".join(lines))
   if not args.no_json:
-    path = args.json or default_json_path(args.device, m["environment"],
-                                          args.smoke)
+    path = args.json or default_json_path(args.device, model,
+                                          m["environment"], args.smoke)
     _common.write_json(path, {
-        "benchmark": "step_overhead", "device": args.device,
+        "benchmark": "step_overhead", "device": args.device, "model": model,
         "smoke": args.smoke, "command": shlex.join(["python"] + sys.argv),
         "config": {**config, "model_description": m["model_description"],
                    "data_description": m["data_description"],
@@ -312,10 +436,10 @@ def main(argv=None) -> int:
                    "base_optimizer": "SGD momentum 0.9, weight decay 5e-4 "
                                      "(xsam_optax.train.loop.make_optimizer)",
                    "rho": 0.05, "alpha": 0.2},
-        **{k: m[k] for k in ("environment", "seconds", "timings", "memory_xla",
+        **{k: m[k] for k in ("environment", "seconds", "timings", "flops",
+                             "memory_xla", "memory_breakdown",
                              "gpu_process_peak_bytes")},
-        "gradient_ms": grad, "rows": results, "table": table,
-        "summary": lines})
+        "rows": results, "table": table, "summary": lines})
   return 0
 
 

@@ -314,10 +314,13 @@ def track(
 ) -> tuple[_tree.PyTree, jax.Array, jax.Array]:
   """The eigenvector, eigenvalue and residual to use at this step.
 
-  ``refresh=None`` follows the schedule (``count % update_every == 0``,
-  under ``lax.cond`` unless ``update_every == 1``); a Python or NumPy bool
-  is the host's choice (no ``cond``, see :func:`refresh_due`); an array is a
-  traced choice (``lax.cond``). A refresh runs the estimator on
+  ``refresh=None`` follows the schedule (``count % update_every == 0``, a
+  traced choice unless ``update_every == 1``); a Python or NumPy bool is the
+  host's choice (one of two programs, see :func:`refresh_due`); an array is
+  a traced choice. A traced choice runs the refresh under ``lax.cond``,
+  except on CPU, where the refresh is computed at every step and kept on
+  refresh steps only (``_EVERY_STEP_PLATFORMS``): both give the same
+  eigenvector, eigenvalue and residual. A refresh runs the estimator on
   ``v -> curvature_fn(params, v)`` (default: the Hessian of ``grad_fn``),
   averaged over ``batch_axis_name``.
   """
@@ -334,6 +337,35 @@ def track(
     if refresh:
       return refreshed(state, product, settings)
     return _kept(state)
+  every_step = functools.partial(_refresh_every_step, product=product,
+                                 settings=settings)
+  under_cond = functools.partial(_refresh_under_cond, product=product,
+                                 settings=settings)
+  return jax.lax.platform_dependent(
+      refresh, state, default=under_cond,
+      **{platform: every_step for platform in _EVERY_STEP_PLATFORMS})
+
+
+# Where a traced refresh (a periodic schedule under refresh=None) computes the
+# refresh at every step and keeps it on refresh steps only, instead of under
+# lax.cond. XLA:CPU runs the convolutions of a product inside a conditional
+# several times slower than at top level, so there a refresh every k steps
+# under lax.cond cost more than refreshing every step; the unconditional
+# program never does. Elsewhere lax.cond skips the work. The choice is made
+# when the step is lowered for its platform (lax.platform_dependent), so the
+# compiled program holds one of the two and no conditional on the platform.
+_EVERY_STEP_PLATFORMS = ("cpu",)
+
+
+def _refresh_every_step(refresh, state, *, product, settings):
+  """The refresh computed unconditionally, kept only where ``refresh``."""
+  new = refreshed(state, product, settings)
+  return jax.tree.map(lambda a, b: jnp.where(refresh, a, b), new,
+                      _kept(state))
+
+
+def _refresh_under_cond(refresh, state, *, product, settings):
+  """The refresh under ``lax.cond``: computed only where ``refresh``."""
   return jax.lax.cond(
       refresh,
       lambda s: refreshed(s, product, settings),
