@@ -188,16 +188,20 @@ def _():
   return setup, check
 
 
+def _first_update(tx, before):
+  """``tx``'s first update on the stand-in classifier, jitted."""
+  grad_fn = jax.grad(lambda p: before["loss_fn"](p, before["batch"]))
+  return jax.jit(lambda p: tx.update(grad_fn(p), tx.init(p), p, grad_fn=grad_fn))(
+      before["params"])
+
+
 @GUIDE.register("Estimator", 0)
 def _():
   def setup():
     return classifier_namespace()
 
   def check(before, ns):
-    tx, params = ns["tx"], before["params"]
-    grad_fn = jax.grad(lambda p: before["loss_fn"](p, before["batch"]))
-    _, state = jax.jit(lambda p: tx.update(grad_fn(p), tx.init(p), p,
-                                           grad_fn=grad_fn))(params)
+    _, state = _first_update(ns["tx"], before)
     assert _eigenvalue(state) > 0.0
   return setup, check
 
@@ -210,10 +214,7 @@ def _():
   def check(before, ns):
     # sgd(0.1) without momentum: the update is -0.1 times the direction, whose
     # component along the step's eigenvector is cos - coefficient.
-    tx, params = ns["tx"], before["params"]
-    grad_fn = jax.grad(lambda p: before["loss_fn"](p, before["batch"]))
-    updates, state = jax.jit(lambda p: tx.update(
-        grad_fn(p), tx.init(p), p, grad_fn=grad_fn))(params)
+    updates, state = _first_update(ns["tx"], before)
     v = ravel_pytree(optax.tree.get(state, "eigenvector"))[0]
     along = float(-ravel_pytree(updates)[0] @ v / 0.1)
     cos = float(optax.tree.get(state, "cos_angle"))

@@ -27,7 +27,7 @@ def _():
 
   def check(before, ns):
     assert _snippets.leaves_differ(ns["params"], before["params"])
-    # At the defaults every step refreshes: the eigenvalue is the Hessian's.
+    # Step 0 refreshes at the defaults: the eigenvalue is the Hessian's.
     eigenvalue = float(optax.tree.get(ns["opt_state"], "eigenvalue"))
     assert np.isfinite(eigenvalue) and eigenvalue > 0.0
   return setup, check

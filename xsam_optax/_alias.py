@@ -52,7 +52,7 @@ def xsam(
     *,
     rho: Union[float, jax.Array] = 0.05,
     alpha: Union[float, jax.Array] = 0.2,
-    update_every: int = 1,
+    update_every: int = 2,
     num_iters: int = 1,
     method: _tracking.Method = "power",
     rule: Union[str, _correction.Rule] = "reference",
@@ -67,12 +67,14 @@ def xsam(
   ...), optimizer)``; see those two for the maths and the options.
   Diagnostics are read from the state by name:
   ``optax.tree.get(state, "eigenvalue")``, ``"cos_angle"``, ``"eigenvector"``.
-  The defaults take one power step on every step, which needs no
-  ``lax.cond``; with a refresh period (``update_every > 1``, e.g. the
-  reference's ``method="power", num_iters=5, update_every=5``), let the
-  training loop choose the refresh steps for speed:
+  The defaults take one power step every 2 steps (the reference's schedule
+  is ``method="power", num_iters=5, update_every=5``; one product on every
+  step is ``update_every=1``). To pay for the products only on refresh
+  steps, let the training loop choose them:
   ``tx.update(..., refresh=xsam_optax.refresh_due(step, update_every))``
-  inside a step jitted with ``static_argnames="refresh"``.
+  inside a step jitted with ``static_argnames="refresh"``; without
+  ``refresh`` the transform follows the same schedule by itself (see
+  :func:`eigenvector_correction`).
 
   **Composing.** The SAM ascent replaces the gradient by one computed with
   ``grad_fn``, so clipping and weight decay go inside ``optimizer``
@@ -93,7 +95,7 @@ def xsam(
     optimizer: the base optimizer (the paper: SGD with momentum 0.9).
     rho: SAM radius.
     alpha: correction strength in ``[0, 2]``.
-    update_every: eigenvector refresh period in steps (default: every step).
+    update_every: eigenvector refresh period in steps (default 2).
     num_iters: products per refresh of a named ``method``; leave it at its
       default with a callable ``method``.
     method: ``"power"`` (default; the reference's, which uses

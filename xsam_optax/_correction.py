@@ -64,7 +64,7 @@ def correct(updates: _tree.PyTree, eigenvector: _tree.PyTree, alpha, *,
 def eigenvector_correction(
     alpha: Union[float, jax.Array] = 0.2,
     *,
-    update_every: int = 1,
+    update_every: int = 2,
     num_iters: int = 1,
     method: _tracking.Method = "power",
     rule: Union[str, Rule] = "reference",
@@ -101,16 +101,17 @@ def eigenvector_correction(
   leaves earlier steps uncorrected; here the first refresh is at step 0, so
   no step is ever corrected along an unestimated random vector.
 
-  **Defaults: one power step on every step.** The correction at every step
+  **Defaults: one power step every 2 steps.** The correction at every step
   uses the stored :math:`v`, so what matters is how well that vector follows
   the loss's sharp direction at every step, not how well one refresh fits
-  its own batch. A single warm-started power step on each step's batch
-  averages over batches and tracked the top eigenvector of both the step's
-  batch Hessian and a large-batch Hessian better than the reference's 5
-  power steps every 5 steps, for the same number of products
-  (``benchmarks/quality.py``); converging harder on one batch did not help.
-  Refreshing on every step also means ``update`` needs no ``lax.cond``,
-  whether or not the host passes ``refresh``.
+  its own batch. Few warm-started power steps on many batches average over
+  batches: one every 2 steps tracked the top eigenvector of both the step's
+  batch Hessian and a large-batch Hessian as well as the reference's 5 power
+  steps every 5 steps on every model of ``benchmarks/quality.py``, for about
+  three quarters of its work (one product every 3 steps fell short on one
+  model); converging harder on one batch did not help. ``update_every=1``
+  refreshes on every step, and ``method="power", num_iters=5,
+  update_every=5`` is the reference's schedule.
 
   **Estimators.** ``method="lanczos"`` (``num_iters`` products) converges to
   the algebraically largest eigenvalue and keeps its ``num_iters``-vector
@@ -132,12 +133,15 @@ def eigenvector_correction(
   (:math:`g` with ``normalize=False``).
 
   **Periodic refreshes: choose them on the host.** With ``update_every > 1``
-  and without ``refresh``, ``update`` refreshes under ``lax.cond`` on the
-  step count, which on XLA:CPU runs the
-  Hessian-vector products' convolutions in a slow layout. Pass
-  ``refresh=xsam_optax.refresh_due(step, update_every)`` (a Python bool) from
-  the training loop to a step jitted with ``static_argnames="refresh"``: the
-  two kinds of step compile separately and neither has a ``cond``.
+  and without ``refresh``, ``update`` follows the schedule on the step
+  count inside one program: under ``lax.cond`` on accelerators, and on CPU
+  (where XLA runs a conditional's convolutions in a slow layout) by
+  computing the refresh at every step and keeping it on refresh steps, so
+  it costs what refreshing every step costs. To pay only for the refresh
+  steps everywhere, pass ``refresh=xsam_optax.refresh_due(step,
+  update_every)`` (a Python bool) from the training loop to a step jitted
+  with ``static_argnames="refresh"``: the two kinds of step compile
+  separately and neither has a ``cond``.
 
   **What a refresh multiplies by.** ``update`` accepts an optional
   ``curvature_fn(params, v) -> product`` used instead of the Hessian of
@@ -151,7 +155,7 @@ def eigenvector_correction(
 
   Args:
     alpha: correction strength in ``[0, 2]``; 0 only normalises.
-    update_every: refresh period in steps (``>= 1``; default every step).
+    update_every: refresh period in steps (``>= 1``; default every 2 steps).
     num_iters: products per refresh of a named ``method`` (``>= 1``; ``>= 2``
       for Lanczos); leave it at its default with a callable ``method``.
     method: ``"power"``, ``"lanczos"`` or a callable ``(matvec, v0) ->

@@ -76,7 +76,7 @@ def refresh_settings(update_every: int, num_iters: int, method: Method,
       batch_axis_name)
 
 
-def refresh_due(step: int, update_every: int = 1) -> bool:
+def refresh_due(step: int, update_every: int = 2) -> bool:
   """Whether ``step`` is a refresh step: the host's copy of the schedule.
 
   ``True`` at steps ``0, update_every, 2 * update_every, ...``: the steps on
@@ -84,16 +84,16 @@ def refresh_due(step: int, update_every: int = 1) -> bool:
   ``count`` is the step). Pass the result as ``refresh=`` (a Python bool) to
   ``update`` inside a step jitted with ``static_argnames="refresh"``: the host
   then picks one of two compiled steps, and neither contains a ``lax.cond``.
-  That is the fast way to run a periodic schedule (``update_every > 1``): on
-  XLA:CPU a refresh under ``lax.cond`` runs its convolutions in a slow layout
-  (docs/performance.md). The default schedule refreshes on every
-  step and has no ``cond`` either way.
+  That is the way to pay for products only on refresh steps on every
+  platform: without it, a step on CPU computes the refresh at every step
+  (XLA:CPU runs a conditional's convolutions in a slow layout), and
+  accelerators run it under ``lax.cond`` (docs/performance.md).
 
   Args:
     step: the host's step counter, a non-negative Python or NumPy int (the
       number of ``update`` calls before this one).
-    update_every: the transform's refresh period (default 1, the
-      transforms' default: every step).
+    update_every: the transform's refresh period (default 2, the
+      transforms' default).
 
   Returns:
     A Python bool.

@@ -42,9 +42,11 @@ With normalisation the learning rate of xsam scales a unit direction, so its
 step length is not that of sgd/sam at the same --lr; metrics.json records the
 mean clean-gradient norm per epoch (mean_grad_norm) to compare them.
 X-SAM refreshes its eigenvector at steps 0, k, 2k, ... (k = --update-every,
-default every step); with k > 1 its step is compiled twice, with and without
-the refresh, and the host picks one per step (faster than a refresh under
-lax.cond, notably on CPU).
+default 2, the library's); with k > 1 its step is compiled twice, with and
+without the refresh, and the host picks one per step, so only refresh steps
+pay for the Hessian-vector products. --curvature gauss-newton multiplies by
+the Gauss-Newton matrix instead, the cheapest recipe for losses convex in the
+outputs such as cross-entropy.
 
 The top eigenvalue is measured after every epoch for every optimizer alike:
 Lanczos (--eig-iters Hessian-vector products, algebraically largest eigenvalue)
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
   add("--rho", type=float, default=0.05, help="SAM radius (sam, xsam); default %(default)s")
   add("--alpha", type=float, default=0.2,
       help="X-SAM correction strength in [0, 2]; default %(default)s")
-  add("--update-every", type=int, default=1,
+  add("--update-every", type=int, default=2,
       help="X-SAM eigenvector refresh period in steps; default %(default)s")
   add("--num-iters", type=int, default=1,
       help="X-SAM Hessian-vector products per refresh; default %(default)s")

@@ -66,7 +66,7 @@ def make_optimizer(
     weight_decay: float = 5e-4,
     rho: float = 0.05,
     alpha: float = 0.2,
-    update_every: int = 1,
+    update_every: int = 2,
     num_iters: int = 1,
     method: str = "power",
     normalize: bool = True,
