@@ -24,8 +24,8 @@ KERNEL_STARTUP_TIMEOUT_S = 180  # Generous: CI machines may be busy.
 COLAB_URL = "https://colab.research.google.com/github/xsam-optax/xsam-optax/blob/main/notebooks/"
 # Settings the test overrides, after the notebook's settings cell.
 TEST_SETTINGS = {
-    "quickstart.ipynb": "EPOCHS, EIG_ITERS, EVAL_BATCH = 2, 4, 128",
-    "sharpness.ipynb": ("EPOCHS, EVAL_BATCH, LANCZOS_ITERS = 2, 128, 8\n"
+    "quickstart.ipynb": "EPOCHS, EIG_ITERS, EVAL_BATCH = 1, 4, 128",
+    "sharpness.ipynb": ("EPOCHS, EVAL_BATCH, LANCZOS_ITERS = 1, 128, 8\n"
                         "NUM_RANDOM, SLICE_POINTS, GRID_POINTS = 2, 9, 5"),
 }
 
