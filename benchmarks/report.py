@@ -354,7 +354,16 @@ def page(results_dir: str) -> str:
          "into `benchmarks/results/`, and the page by `python "
          "benchmarks/report.py`; the command above each table reruns it. "
          "Ratios are measured side by side in one process; nothing here is "
-         "timed in a test.", ""]
+         "timed in a test.", "",
+         "The library's default schedule is `power 1 every 2` (one power "
+         "step on the Hessian every 2 steps): the cheapest Hessian schedule "
+         "that holds the paper's tracking quality on every model below "
+         "(\"Cost at the reference's quality\"). The paper's schedule is "
+         "`power 5 every 5` (`method=\"power\", num_iters=5, "
+         "update_every=5`), one product on every step `power 1 every 1` "
+         "(`update_every=1`), and the cheapest recipe that holds the quality "
+         "is `power 1 every 2, Gauss-Newton` (`curvature_fn=gauss_newton_fn"
+         "(...)`, for a loss convex in the model's outputs).", ""]
   if steps:
     out.append(flops_section(steps))
   scored = [d for d in runs.get("quality", [])
