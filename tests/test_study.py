@@ -53,10 +53,11 @@ def test_runtime_peak_rate_matches_the_scheduled_optimizer(method):
   s_theirs = oracle.init(params)
 
   def trajectory(opt, params, state):  # one compiled program: eager dispatch is slow
-    for _ in range(total):
+    def step(_, carry):  # a loop, not unrolled: one update to compile
+      params, state = carry
       u, state = opt.update(grad_fn(params), state, params, grad_fn=grad_fn)
-      params = optax.apply_updates(params, u)
-    return params
+      return optax.apply_updates(params, u), state
+    return jax.lax.fori_loop(0, total, step, (params, state))[0]
 
   ours = jax.jit(lambda p, s: trajectory(tx, p, s))(ours, s_ours)
   theirs = jax.jit(lambda p, s: trajectory(oracle, p, s))(theirs, s_theirs)

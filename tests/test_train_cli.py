@@ -270,7 +270,7 @@ def test_gauss_newton_curvature_reaches_the_refresh():
   x = jax.random.normal(jax.random.key(0), (16, 4, 4, 1))
   y = jnp.arange(16) % 3
   model = models.make_model("mlp", num_classes=3)
-  tx = optimizers.make_optimizer("xsam", learning_rate=0.1, num_iters=6).tx
+  tx = optimizers.make_optimizer("xsam", learning_rate=0.1, num_iters=3).tx
   state = loop.init_state(model, tx, x, seed=0)
   eigenvector = lambda s: optax.tree.get(s.opt_state, "eigenvector")
   gn_state, _ = jax.jit(loop.make_train_step(model, tx, curvature="gauss-newton"),
