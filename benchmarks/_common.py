@@ -20,6 +20,16 @@ from typing import Any
 import jax
 
 
+def path_label(row: dict) -> str:
+  """How a step-cost row's X-SAM step chose its refreshes, for the tables."""
+  if row["optimizer"] != "xsam":
+    return "-"
+  if row["schedule"]["update_every"] == 1:
+    return "both (no cond)"
+  return {"host": "host", "none": "refresh=None",
+          "cond": "refresh=None, lax.cond"}[row["path"]]
+
+
 def load_average() -> list[float] | None:
   try:
     return [round(x, 2) for x in os.getloadavg()]

@@ -43,15 +43,6 @@ def _load(env: dict) -> str:
   return " / ".join(f"{p[0]:.1f}" for p in parts if p)
 
 
-def _path(r: dict) -> str:
-  if r["optimizer"] != "xsam":
-    return "-"
-  if r["schedule"]["update_every"] == 1:
-    return "both (no cond)"
-  return {"host": "host", "none": "refresh=None",
-          "cond": "refresh=None, lax.cond"}[r["path"]]
-
-
 def _x(v, digits=2):
   return None if v is None else f"{v:.{digits}f}"
 
@@ -148,7 +139,7 @@ def choice_section(steps: dict, d: dict) -> str:
 
 def wall_section(d: dict) -> str:
   env, cfg = d["environment"], d["config"]
-  rows = [(r["name"], _path(r), _x(r["flops_ratio_to_sam"]), r["step_ms"],
+  rows = [(r["name"], _common.path_label(r), _x(r["flops_ratio_to_sam"]), r["step_ms"],
            _x(r["ratio_to_sam"]), _x(r["ratio_to_every_step"]),
            None if r.get("memory_minus_sam_params") is None
            else f"{r['memory_minus_sam_params']:.1f}")

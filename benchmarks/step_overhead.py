@@ -304,15 +304,6 @@ def row_flops(row: Row, flops: dict) -> float | None:
   return (roles["refresh"] + (k - 1) * roles["plain"]) / k
 
 
-def path_label(x: dict) -> str:
-  if x["optimizer"] != "xsam":
-    return "-"
-  if x["schedule"]["update_every"] == 1:
-    return "both (no cond)"
-  return {"host": "host", "none": "refresh=None",
-          "cond": "refresh=None, lax.cond"}[x["path"]]
-
-
 def report(table_rows, m) -> tuple[list[dict], str]:
   import _common
 
@@ -350,7 +341,7 @@ def report(table_rows, m) -> tuple[list[dict], str]:
         "memory_minus_sam_params": (None if extra is None or r.optimizer != "xsam"
                                     else extra / m["param_bytes"])})
   header = ["variant", "path", "FLOPs x SAM"]
-  cells = lambda x: [x["name"], path_label(x), x["flops_ratio_to_sam"]]
+  cells = lambda x: [x["name"], _common.path_label(x), x["flops_ratio_to_sam"]]
   if timings:
     header += ["step ms", "wall x SAM", "wall x every step"]
     cells_t = lambda x: cells(x) + [x["step_ms"], x["ratio_to_sam"],

@@ -135,8 +135,8 @@ def verify_incoming(updates: _tree.PyTree, params: _tree.PyTree,
   if not leaves:
     return
   tolerance = float(np.sqrt(max(
-      jnp.finfo(jnp.result_type(x)).eps if jnp.issubdtype(
-          jnp.result_type(x), jnp.inexact) else 0.0 for x in leaves)))
+      jnp.finfo(jnp.result_type(x)).eps if _tree.is_float(x) else 0.0
+      for x in leaves)))
 
   def leaf_difference(u, g):
     acc = jnp.result_type(jnp.float32, u, g)

@@ -52,7 +52,7 @@ def correct(updates: _tree.PyTree, eigenvector: _tree.PyTree, alpha, *,
         f"{coefficient.shape}.")
   # A NaN alpha set at run time (optax.inject_hyperparams), or a rule's
   # non-finite coefficient, removes nothing rather than poisoning the update.
-  coefficient = jnp.where(jnp.isfinite(coefficient), coefficient, 0.0)
+  coefficient = _validation.finite_or_zero(coefficient)
   corrected = _tree.add_scaled(unit, -coefficient, eigenvector)
   if not normalize:
     corrected = jax.tree.map(

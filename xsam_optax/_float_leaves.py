@@ -56,25 +56,24 @@ class _Split:
         lambda x: np.zeros(jnp.shape(x), jax.dtypes.float0), self.params)
     return self.whole(part, zeros)
 
+  def output_part(self, tree: _tree.PyTree, *, what: str) -> _tree.PyTree:
+    """The float part of a function's output shaped like ``params`` (checked)."""
+    if jax.tree.structure(tree) != self.treedef:
+      _tree.check_same_structure(self.params, tree, what=what)
+    return self.part(tree)
+
   def grad_fn(self, grad_fn):
     """``grad_fn`` as a function of the float part (integer leaves fixed)."""
-    def on_part(part):
-      grads = grad_fn(self.whole(part, self.params))
-      if jax.tree.structure(grads) != self.treedef:
-        _tree.check_same_structure(self.params, grads, what="grad_fn")
-      return self.part(grads)
-    return on_part
+    return lambda part: self.output_part(
+        grad_fn(self.whole(part, self.params)), what="grad_fn")
 
   def curvature_fn(self, curvature_fn):
     """``curvature_fn(params, v)`` on float parts (``float0`` tangents elsewhere)."""
     if not callable(curvature_fn):
       return curvature_fn  # The transform reports it.
-    def on_part(part, v):
-      product = curvature_fn(self.whole(part, self.params), self.tangent(v))
-      if jax.tree.structure(product) != self.treedef:
-        _tree.check_same_structure(self.params, product, what="curvature_fn")
-      return self.part(product)
-    return on_part
+    return lambda part, v: self.output_part(
+        curvature_fn(self.whole(part, self.params), self.tangent(v)),
+        what="curvature_fn")
 
 
 def on_float_leaves(

@@ -359,9 +359,8 @@ _EVERY_STEP_PLATFORMS = ("cpu",)
 
 def _refresh_every_step(refresh, state, *, product, settings):
   """The refresh computed unconditionally, kept only where ``refresh``."""
-  new = refreshed(state, product, settings)
-  return jax.tree.map(lambda a, b: jnp.where(refresh, a, b), new,
-                      _kept(state))
+  return optax.tree.where(refresh, refreshed(state, product, settings),
+                         _kept(state))
 
 
 def _refresh_under_cond(refresh, state, *, product, settings):
