@@ -103,7 +103,10 @@ def test_method_names_are_shorthands_for_the_bound_estimators(x64, method,
       updates, state = step(p, state)
       p = optax.apply_updates(p, updates)
     runs.append((p, state))
-  chex.assert_trees_all_equal(*runs)
+  # The named form starts from the stored (unit) eigenvector without
+  # normalising it again, which saves a reduction per leaf: the same
+  # arithmetic up to float64 rounding.
+  chex.assert_trees_all_close(*runs, rtol=1e-12, atol=1e-15)
 
 
 def test_failed_user_estimate_keeps_the_previous_eigenvector(x64):

@@ -89,9 +89,8 @@ def finish_sam_gradient(grads: _tree.PyTree, params: _tree.PyTree,
   """
   _tree.check_same_structure(params, grads, what="grad_fn")
   grads = _tree.batch_mean(grads, batch_axis_name)
-  finite = jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
-      or [jnp.array(True)]))
+  finite = _tree.all_leaves(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
   return jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)),
                       grads)
 

@@ -135,6 +135,18 @@ def power_iteration(
   _validation.check_int("num_iters", num_iters, minimum=1)
   if tol is not None:
     _validation.check_float("tol", tol, minimum=0.0)
+  return power_iteration_from_unit(matvec, _unit_start(v0),
+                                   num_iters=num_iters, tol=tol, unroll=unroll)
+
+
+def power_iteration_from_unit(matvec, v0: _tree.PyTree, *, num_iters: int,
+                              tol: Optional[float] = None,
+                              unroll: Optional[bool] = None) -> EigenResult:
+  """:func:`power_iteration` from a start ``v0`` that is already a unit vector.
+
+  The transforms' stored eigenvector is one: normalising it again would cost
+  a reduction per leaf in every refresh step.
+  """
   unroll = _resolve_unroll(unroll, num_iters)
   scalar = _tree.scalar_dtype(v0)
 
@@ -142,7 +154,7 @@ def power_iteration(
     count, v, _, _, _ = carry
     w = matvec(v)
     eigenvalue = _tree.vdot(v, w).astype(scalar)
-    residual = optax.tree.norm(_tree.add_scaled(w, -eigenvalue, v))
+    residual = _tree.global_norm(_tree.add_scaled(w, -eigenvalue, v))
     next_v, w_norm = _tree.safe_normalize(w)
     ok = _tree.is_usable(w_norm) & jnp.isfinite(eigenvalue)
     next_v = optax.tree.where(ok, next_v, v)
@@ -155,7 +167,7 @@ def power_iteration(
 
   init = (
       jnp.zeros((), jnp.int32),
-      _unit_start(v0),
+      v0,
       jnp.zeros((), scalar),
       jnp.full((), jnp.inf, scalar),
       jnp.zeros((), bool),
@@ -233,13 +245,28 @@ def lanczos(
   _validation.check_int("k", k, minimum=1, maximum=num_iters,
                         maximum_name="num_iters")
   _validation.check_bool("reorthogonalize", reorthogonalize)
+  return lanczos_from_unit(matvec, _unit_start(v0), num_iters=num_iters, k=k,
+                           reorthogonalize=reorthogonalize, unroll=unroll)
+
+
+def lanczos_from_unit(matvec, v0: _tree.PyTree, *, num_iters: int, k: int = 1,
+                      reorthogonalize: bool = True,
+                      unroll: Optional[bool] = None) -> EigenResult:
+  """:func:`lanczos` from a start ``v0`` that is already a unit vector.
+
+  A Ritz vector that cannot be normalised (zero or non-finite) is returned
+  as zeros with an infinite ``residual``, so a caller that checks the
+  residual need not check the vector's norm.
+  """
   unroll = _resolve_unroll(unroll, num_iters)
   basis, alphas, betas, live = _lanczos_recurrence(
-      matvec, _unit_start(v0), num_iters, reorthogonalize, unroll)
+      matvec, v0, num_iters, reorthogonalize, unroll)
   values, coeffs, residuals = _ritz_pairs(alphas, betas, live, k)
   combine = _tree.list_combination if unroll else _tree.stacked_combination
   vectors = combine(coeffs.T, basis)  # leaves (k, ...)
-  vectors = jax.vmap(lambda t: _tree.safe_normalize(t)[0])(vectors)
+  vectors, norms = jax.vmap(_tree.safe_normalize)(vectors)
+  residuals = jnp.where(_tree.is_usable(norms), residuals,
+                        jnp.inf).astype(residuals.dtype)
   num_matvecs = jnp.asarray(num_iters, jnp.int32)
   if k == 1:
     vectors = jax.tree.map(lambda x: x[0], vectors)

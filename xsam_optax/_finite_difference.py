@@ -5,7 +5,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from xsam_optax import _tree
 from xsam_optax import _validation
@@ -23,7 +22,7 @@ def finite_difference_step(params: _tree.PyTree, scale: float = STEP_SCALE) -> j
   floats = [x for x in jax.tree.leaves(params) if _tree.is_float(x)]
   eps = max([float(jnp.finfo(jnp.result_type(x)).eps) for x in floats],
             default=float(jnp.finfo(jnp.float32).eps))
-  norm = optax.tree.norm(floats)
+  norm = _tree.global_norm(floats)
   return scale * eps ** 0.5 * jnp.maximum(1.0, norm.astype(jnp.float32))
 
 

@@ -28,18 +28,27 @@ Method = Union[str, _estimators.Estimator]
 # The named methods: estimator, and the fewest products with which a
 # warm-started refresh can move the vector (one Lanczos product spans only
 # the start vector). Every list of method names derives from this one.
+# Their ``_from_unit`` forms start from the stored eigenvector as it is (a
+# unit vector) and return a unit vector or a non-finite residual, so a
+# refresh with them needs no normalisation of its own: each would be one
+# more reduction per parameter leaf in the compiled step.
 METHODS: dict[str, tuple[Callable[..., _estimators.EigenResult], int]] = {
-    "power": (_estimators.power_iteration, 1),
-    "lanczos": (_estimators.lanczos, 2),
+    "power": (_estimators.power_iteration_from_unit, 1),
+    "lanczos": (_estimators.lanczos_from_unit, 2),
 }
 
 
 class RefreshSettings(NamedTuple):
-  """Static settings of the refresh: how often, with what, over which axis."""
+  """Static settings of the refresh: how often, with what, over which axis.
+
+  ``checks_vector``: whether a refresh normalises the estimator's vector and
+  checks its norm (a callable ``method``'s; the named ones need not).
+  """
 
   update_every: int
   estimator: _estimators.Estimator
   batch_axis_name: _tree.AxisName
+  checks_vector: bool = True
 
 
 def refresh_settings(update_every: int, num_iters: int, method: Method,
@@ -73,7 +82,7 @@ def refresh_settings(update_every: int, num_iters: int, method: Method,
         "eigenvector. Use method='power' for single-product refreshes.")
   return RefreshSettings(
       update_every, functools.partial(estimator, num_iters=num_iters),
-      batch_axis_name)
+      batch_axis_name, checks_vector=False)
 
 
 def refresh_due(step: int, update_every: int = 2) -> bool:
@@ -247,15 +256,16 @@ def refreshed(state, product, settings: RefreshSettings):
   matvec = lambda v: _tree.batch_mean(product(v), settings.batch_axis_name)
   vector, value, residual = _checked_result(
       settings.estimator(matvec, state.eigenvector), state.eigenvector)
-  # The state promises a unit vector, and the correction's size depends on
-  # it: a method's vector of another norm is normalised here (a no-op, up to
-  # rounding, for the built-in estimators).
-  vector, norm = _tree.safe_normalize(vector)
   # A failed product shows as a non-finite eigenvalue or residual (the
   # built-in estimators report it as a finite eigenvalue with an infinite
-  # residual), a failed method as a zero or non-finite vector: keep the
-  # previous estimate then.
-  ok = jnp.isfinite(value) & jnp.isfinite(residual) & _tree.is_usable(norm)
+  # residual): keep the previous estimate then.
+  ok = jnp.isfinite(value) & jnp.isfinite(residual)
+  if settings.checks_vector:
+    # The state promises a unit vector, and the correction's size depends on
+    # it: a method's vector of another norm is normalised here, and a zero
+    # or non-finite one keeps the previous estimate.
+    vector, norm = _tree.safe_normalize(vector)
+    ok = ok & _tree.is_usable(norm)
   return (
       optax.tree.where(ok, vector, state.eigenvector),
       jnp.where(ok, value, state.eigenvalue).astype(state.eigenvalue.dtype),

@@ -4,7 +4,8 @@ Everything here works leaf by leaf: parameters are never ravelled into one
 vector, so sharded parameters stay sharded.
 """
 
-from typing import Any, Optional, Union
+import functools
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,7 @@ def safe_normalize(tree: PyTree) -> tuple[PyTree, jax.Array]:
   A zero or non-finite norm gives a zero tree (never NaN); callers decide what
   to do with it, e.g. keep a previous vector.
   """
-  norm = optax.tree.norm(tree)
+  norm = global_norm(tree)
   ok = is_usable(norm)
   inv = jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0)
   # where, not just `x * inv`: a NaN or inf entry times 0 would still be NaN.
@@ -74,8 +75,40 @@ def vdot(x: PyTree, y: PyTree) -> jax.Array:
     acc = jnp.result_type(jnp.float32, a, b)
     return jnp.sum(a.astype(acc) * b.astype(acc))
 
-  return sum(jax.tree.leaves(jax.tree.map(leaf, x, y)),
-             jnp.zeros((), jnp.float32))
+  return sum_leaves(jax.tree.leaves(jax.tree.map(leaf, x, y)))
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  """``||tree||`` over all leaves, accumulated in at least float32.
+
+  Not ``optax.tree.norm``: it adds the leaves' squares one by one (see
+  :func:`sum_leaves`) and squares bfloat16 leaves in bfloat16.
+  """
+  return jnp.sqrt(vdot(tree, tree))
+
+
+def sum_leaves(parts: list[jax.Array]) -> jax.Array:
+  """``sum(parts)`` of one partial result per leaf, as one reduction.
+
+  Not Python's ``sum``: XLA fuses a chain of ``n`` scalar additions into
+  every consumer of its result, and each leaf's update consumes it, so a
+  tree of ``n`` leaves compiled ``n`` copies of the chain: optimised HLO and
+  compile time grew as ``n**2``. One ``reduce`` of the stacked parts is
+  never duplicated; the barrier keeps XLA's simplifier from splitting the
+  reduce of a stack back into that chain. ``parts`` may be scalars or
+  vectors of one shape; an empty list sums to a float32 zero.
+  """
+  if not parts:
+    return jnp.zeros((), jnp.float32)
+  stacked = jnp.stack(jnp.broadcast_arrays(*parts))
+  return jnp.sum(jax.lax.optimization_barrier(stacked), axis=0)
+
+
+def all_leaves(parts: list[jax.Array]) -> jax.Array:
+  """``all(parts)`` of one boolean per leaf, as one reduction (see :func:`sum_leaves`)."""
+  if not parts:
+    return jnp.array(True)
+  return jnp.all(jax.lax.optimization_barrier(jnp.stack(parts)), axis=0)
 
 
 def add_scaled(x: PyTree, scale: jax.Array, y: PyTree) -> PyTree:
@@ -102,7 +135,7 @@ def stacked_dots(stacked: PyTree, tree: PyTree) -> jax.Array:
       stacked,
       tree,
   )
-  return sum(jax.tree.leaves(per_leaf))
+  return sum_leaves(jax.tree.leaves(per_leaf))
 
 
 def stacked_combination(coeffs: jax.Array, stacked: PyTree) -> PyTree:
@@ -153,30 +186,163 @@ def explicit_sharding(x: jax.Array):
   return sharding if any(s is not None for s in spec) else None
 
 
-@jax.jit
 def random_unit_like(key: jax.Array, tree: PyTree) -> PyTree:
   """A Gaussian direction with the structure and dtypes of ``tree``, unit norm.
 
-  Jitted: called eagerly (``tx.init(params)``), its dozens of operations
-  would each be compiled on their own, seconds on a CPU; one program is one
-  compilation.
+  Leaf ``i`` is ``jax.random.normal(keys[i], shape, jnp.float32)`` with
+  ``keys = jax.random.split(key, n)``, cast to the leaf's dtype; then the
+  whole tree is normalised.
 
-  Leaves sharded over explicit mesh axes are drawn with that sharding, so the
-  draw never materialises on one device and later ``jnp.where`` against
-  arrays sharded like ``tree`` type-checks.
+  Compiling that as written, one threefry draw per leaf, took about 0.1 s
+  per leaf on a CPU. With JAX's partitionable threefry (the default) a draw
+  of ``size`` numbers is the first ``size`` numbers of a longer draw with
+  the same key, so leaves are drawn in a few groups of padded sizes (powers
+  of two; exact for large leaves, to keep the padding small), one ``vmap``
+  per group, and the program grows with the number of groups. Called
+  eagerly on arrays of one device (``tx.init(params)``), the leaves are cut
+  from the groups on the host: a program that slices hundreds of outputs
+  out of one array compiles a kernel per slice. Traced (inside ``jax.jit``)
+  or on sharded arrays, they are cut in the program.
+
+  Leaves sharded over explicit mesh axes are drawn one by one with that
+  sharding, so the draw never materialises on one device and later
+  ``jnp.where`` against arrays sharded like ``tree`` type-checks.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, max(len(leaves), 1))
-  def draw(k, x):
-    sharding = explicit_sharding(x)
-    # out_sharding only where it is needed: jax < 0.6 has no such argument.
-    kwargs = {} if sharding is None else {"out_sharding": sharding}
-    return jax.random.normal(k, jnp.shape(x), jnp.float32,
-                             **kwargs).astype(jnp.result_type(x))
+  if not leaves:
+    return tree
+  layout = _draw_layout(leaves)
+  if _on_one_device(leaves):
+    stacks, inv = jax.device_get(_unit_stacks(key, layout))
+    out = [_put_like(_cut(stacks, leaf, inv, np), x)
+           for leaf, x in zip(layout.leaves, leaves)]
+  else:
+    out = _unit_leaves(key, layout)
+  return treedef.unflatten(out)
 
-  draws = [draw(k, x) for k, x in zip(keys, leaves)]
-  unit, _ = safe_normalize(jax.tree.unflatten(treedef, draws))
-  return unit
+
+class _Leaf(NamedTuple):
+  """Where a leaf's draw is: row ``row`` of group ``group``, first ``size``."""
+
+  group: int
+  row: int
+  shape: tuple[int, ...]
+  dtype: Any
+  sharding: Any
+
+
+class _DrawLayout(NamedTuple):
+  """Static description of a draw: leaves grouped by padded size and dtype."""
+
+  # Per group: (padded size, leaf indices), or (shape, (index,)) for a leaf
+  # with an explicit sharding, drawn on its own.
+  groups: tuple[tuple[Any, tuple[int, ...]], ...]
+  leaves: tuple[_Leaf, ...]
+
+
+# Leaves up to this size are drawn in groups of padded sizes (powers of two),
+# larger ones at their own size: the padding costs at most twice the small
+# leaves' draws, nothing for large ones.
+_PAD_UP_TO = 1 << 20
+
+
+def _padded(size: int) -> int:
+  return size if size > _PAD_UP_TO else 1 << max(size - 1, 0).bit_length()
+
+
+def _draw_layout(leaves: list[Any]) -> _DrawLayout:
+  groups: dict[Any, list[int]] = {}
+  where = []
+  for i, x in enumerate(leaves):
+    shape = tuple(jnp.shape(x))
+    sharding = explicit_sharding(x)
+    dtype = jnp.dtype(jnp.result_type(x))
+    group = ((shape, i) if sharding is not None
+             else (_padded(int(np.prod(shape, dtype=np.int64))), dtype))
+    members = groups.setdefault(group, [])
+    where.append(_Leaf(list(groups).index(group), len(members), shape,
+                       dtype, sharding))
+    members.append(i)
+  return _DrawLayout(tuple((g[0], tuple(m)) for g, m in groups.items()),
+                     tuple(where))
+
+
+def _put_like(value: np.ndarray, x: Any) -> jax.Array:
+  """``value`` on ``x``'s device if ``x`` is committed to one (as jit would
+  place it), else on the default device, uncommitted (so the first step's
+  arguments are committed as they are on later steps: one compilation)."""
+  if getattr(x, "committed", False):
+    return jax.device_put(value, x.sharding)
+  return jax.device_put(value)
+
+
+def _on_one_device(leaves: list[Any]) -> bool:
+  """Concrete leaves on at most one device, none traced or sharded."""
+  for x in leaves:
+    if isinstance(x, jax.core.Tracer):
+      return False
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None and len(sharding.device_set) > 1:
+      return False
+  return True
+
+
+def _group_draws(key: jax.Array, layout: _DrawLayout) -> list[jax.Array]:
+  """One float32 array per group: its leaves' draws on a leading axis."""
+  keys = jax.random.split(key, len(layout.leaves))
+  draws = []
+  for size_or_shape, indices in layout.groups:
+    sharding = layout.leaves[indices[0]].sharding
+    if sharding is None:
+      draws.append(jax.vmap(
+          lambda k, size=size_or_shape: jax.random.normal(
+              k, (size,), jnp.float32))(keys[np.asarray(indices)]))
+    else:
+      # out_sharding only where it is needed: jax < 0.6 has no such argument.
+      draws.append(jax.random.normal(
+          keys[indices[0]], size_or_shape, jnp.float32,
+          out_sharding=sharding)[None])
+  return draws
+
+
+def _cut(stacks, leaf: _Leaf, inv, xnp):
+  """The leaf's unit-norm draw in its dtype, cut from the groups (``xnp``:
+  NumPy on the host or ``jax.numpy`` in a program; XLA may fold the scaling
+  into a division, so the two can differ in the last bit)."""
+  row = stacks[leaf.group][leaf.row]
+  size = int(np.prod(leaf.shape, dtype=np.int64))
+  if leaf.sharding is None:
+    row = row[:size].reshape(leaf.shape)
+  # The draw is cast before it is scaled, as the norm was taken of the cast;
+  # scaled in at least float32.
+  acc = np.result_type(np.float32, leaf.dtype)
+  return (row.astype(leaf.dtype).astype(acc) * inv.astype(acc)).astype(leaf.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unit_stacks(key: jax.Array, layout: _DrawLayout):
+  """The groups' draws and ``1 / ||draws||`` (0 if that norm is unusable)."""
+  stacks = _group_draws(key, layout)
+  squares = []
+  for stack, (_, indices) in zip(stacks, layout.groups):
+    first = layout.leaves[indices[0]]
+    # Each row's own numbers only: a padded row's tail is no leaf's.
+    sizes = np.asarray([np.prod(layout.leaves[i].shape, dtype=np.int64)
+                        for i in indices])
+    valid = (jnp.arange(stack.shape[1])[None, :] < sizes[:, None]
+             if first.sharding is None else True)
+    cast = stack.astype(first.dtype).astype(
+        jnp.result_type(jnp.float32, first.dtype))
+    squares.append(jnp.sum(jnp.where(valid, jnp.square(cast), 0.0)))
+  norm = jnp.sqrt(sum_leaves(squares))
+  ok = is_usable(norm)
+  return stacks, jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unit_leaves(key: jax.Array, layout: _DrawLayout) -> list[jax.Array]:
+  stacks, inv = _unit_stacks(key, layout)
+  return [_cut(stacks, leaf, inv, jnp) for leaf in layout.leaves]
 
 
 def _shape_dtype(x) -> tuple[tuple[int, ...], jnp.dtype]:
