@@ -70,7 +70,50 @@ def transforms() -> dict[str, Callable]:
                                               optax.sgd(0.1)),
       "xsam lanczos": lambda: xsam_optax.xsam(
           optax.sgd(0.1), method="lanczos", num_iters=4),
+      "unguarded": lambda: optax.chain(unguarded_xsam_refresh(),
+                                       optax.sgd(0.1)),
   }
+
+
+def unguarded_xsam_refresh():
+  """An X-SAM refresh step's arithmetic written plainly, as a floor.
+
+  One power step on the Hessian, SAM's gradient, the reference correction;
+  no guards against zero or non-finite norms, no finiteness check, no
+  structure checks. The step's own work (the gradient, the Hessian-vector
+  product, the gradient at the SAM point) is the same as ``xsam``'s, so the
+  difference between the two is what the library's guarantees cost to
+  compile. Whole-tree sums are one reduction, as in the library.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  def total(parts):
+    return jnp.sum(jax.lax.optimization_barrier(jnp.stack(parts)))
+
+  def dot(x, y):
+    return total([jnp.sum(a * b) for a, b in
+                  zip(jax.tree.leaves(x), jax.tree.leaves(y))])
+
+  def scaled(x, c):
+    return jax.tree.map(lambda a: a * c, x)
+
+  def init(params):
+    ones = jax.tree.map(jnp.ones_like, params)
+    return scaled(ones, 1 / jnp.sqrt(dot(ones, ones)))
+
+  def update(g, v, params, *, grad_fn, **_):
+    w = jax.jvp(grad_fn, (params,), (v,))[1]
+    v = scaled(w, 1 / jnp.sqrt(dot(w, w)))
+    point = jax.tree.map(lambda p, d: p + d,
+                         params, scaled(g, 0.05 / jnp.sqrt(dot(g, g))))
+    g_adv = grad_fn(point)
+    unit = scaled(g_adv, 1 / jnp.sqrt(dot(g_adv, g_adv)))
+    c = dot(unit, v)
+    return jax.tree.map(lambda u, e: u - 0.2 * jnp.abs(c) * e, unit, v), v
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 CANDIDATES = (
@@ -87,6 +130,8 @@ CANDIDATES = (
               lambda g: {"grad_fn": g, "refresh": True}),
     Candidate("xsam lanczos refresh", "xsam lanczos",
               lambda g: {"grad_fn": g, "refresh": True}),
+    Candidate("unguarded X-SAM refresh", "unguarded",
+              lambda g: {"grad_fn": g}),
 )
 
 

@@ -1,11 +1,11 @@
 """The documentation's performance page, ``docs/performance.md``, from the benchmark JSON.
 
 Reads ``benchmarks/results/*.json`` written by ``step_overhead.py``,
-``step_memory.py``, ``quality.py``, ``fd_accuracy.py``, ``estimators.py`` and
-``refresh_memory.py`` and writes one MyST Markdown page: cost in XLA's FLOPs
-first, then wall time, memory, eigenvector quality, finite-difference
-accuracy and the estimators' cost, each table under the command that
-produced it::
+``step_memory.py``, ``quality.py``, ``fd_accuracy.py``, ``estimators.py``,
+``refresh_memory.py`` and ``compile_time.py`` and writes one MyST Markdown
+page: cost in XLA's FLOPs first, then wall time, memory, eigenvector
+quality, finite-difference accuracy, the estimators' cost and compile time,
+each table under the command that produced it::
 
   python benchmarks/report.py                 # writes docs/performance.md
   python benchmarks/report.py --out -         # prints it
@@ -326,6 +326,61 @@ def estimator_section(d: dict) -> str:
                                  rows) + "\n")
 
 
+def compile_time_section(runs: list) -> str:
+  """Compile and init time per parameter structure (all runs, in order)."""
+  rows, hlo_rows, commands, envs = [], [], [], []
+  for d in runs:
+    commands.append(d["command"])
+    envs.append(d["environment"])
+    by_structure = {}
+    for r in d["rows"]:
+      by_structure.setdefault(r["structure"], {})[r["candidate"]] = r
+    for name, c in by_structure.items():
+      ref = c["contrib.sam"]
+      ratio = lambda k, f="compile_ratio": _x(c[k][f]) if k in c else None
+      xsam = c.get("xsam refresh (host)", ref)
+      rows.append((name, ref["leaves"], _x(ref["compile_s"]),
+                   ratio("sam"), ratio("unguarded X-SAM refresh"),
+                   ratio("xsam refresh (host)"),
+                   ratio("xsam plain (host)"), ratio("xsam refresh=None"),
+                   ratio("eigen_sam_ascent refresh"),
+                   ratio("xsam lanczos refresh"), _x(xsam["init_s"])))
+      hlo_rows.append((name, ref["leaves"], ref["hlo_instructions"],
+                       ratio("sam", "hlo_ratio"),
+                       ratio("unguarded X-SAM refresh", "hlo_ratio"),
+                       ratio("xsam refresh (host)", "hlo_ratio"),
+                       ratio("xsam plain (host)", "hlo_ratio"),
+                       ratio("xsam refresh=None", "hlo_ratio"),
+                       ratio("eigen_sam_ascent refresh", "hlo_ratio"),
+                       ratio("xsam lanczos refresh", "hlo_ratio")))
+  where = "; ".join(sorted({f"{_where(e)}, jax {e['jax']}, load {_load(e)}"
+                            for e in envs}))
+  head = ("structure", "leaves", "contrib.sam s", "sam x", "floor x",
+          "xsam refresh x",
+          "xsam plain x", "refresh=None x", "eigen-SAM x", "Lanczos 4 x")
+  return ("## Compile time and parameter leaves\n\n"
+          "The first step waits for XLA to compile it, and that grows with the "
+          "number of parameter leaves (the transforms work leaf by leaf), "
+          "hardly with their size. Each program is a whole jitted training "
+          "step; `x` columns are multiples of `optax.contrib.sam`'s step on "
+          "the same tree, measured in one process; `floor` is an X-SAM "
+          "refresh step's arithmetic written plainly, without the library's "
+          "guards and checks (`unguarded_xsam_refresh` in the script): the "
+          "gradient, the Hessian-vector product and the gradient at the SAM "
+          "point that any X-SAM refresh step compiles. `init s` is the eager "
+          "`xsam(...).init` after clearing JAX's caches. Synthetic trees are "
+          "`n` (4, 3) tanh layers; ResNets and the transformer encoder "
+          f"(12 layers) use a batch of 2. Measured on {where}.\n\n"
+          + "".join(_command(c) for c in commands) + "\n"
+          + _common.format_table(head + ("xsam init s",), rows)
+          + "\n\nThe same programs' optimised HLO, in instructions "
+            "(deterministic, unlike wall time; `tests/test_compile_growth.py` "
+            "checks that it grows linearly with the leaves):\n\n"
+          + _common.format_table(
+              ("structure", "leaves", "contrib.sam") + head[3:], hlo_rows)
+          + "\n")
+
+
 def page(results_dir: str) -> str:
   runs = {}
   for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
@@ -388,6 +443,8 @@ def page(results_dir: str) -> str:
     out.append(fd_section(d))
   for d in runs.get("estimators", []):
     out.append(estimator_section(d))
+  if runs.get("compile_time"):
+    out.append(compile_time_section(runs["compile_time"]))
   return "\n".join(out).rstrip() + "\n"
 
 

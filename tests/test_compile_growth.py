@@ -97,7 +97,7 @@ def test_init_draws_in_a_program_that_does_not_grow_with_same_shaped_leaves():
     leaves = jax.tree.leaves(tree_problem(n)[0])
     layout = _tree._draw_layout(leaves)  # pylint: disable=protected-access
     sizes.append(instructions(
-        _tree._unit_stacks.lower(jax.random.PRNGKey(0), layout).compile()))  # pylint: disable=protected-access
+        _tree._draws.lower(jax.random.PRNGKey(0), layout).compile()))  # pylint: disable=protected-access
   assert sizes[1] <= 1.1 * sizes[0], sizes
 
 
@@ -114,8 +114,8 @@ def per_leaf_oracle(key, tree):
 
 def test_random_unit_like_is_the_per_leaf_draw_eagerly_and_traced():
   """Grouped and padded draws give each leaf its own key's numbers; the
-  eager (host-cut) and traced (cut in the program) paths agree to the last
-  bit of the scaling, which XLA may turn into a division."""
+  eager (host-cut) and traced (cut in the program) paths agree but for the
+  last bit of the norm, summed in another order."""
   tree = {"a": jnp.ones((3, 5)), "b": jnp.ones((7,), jnp.bfloat16),
           "c": jnp.ones((2, 2, 2)), "d": jnp.ones(()),
           "e": [jnp.ones((3, 5)), jnp.ones((2, 3), jnp.bfloat16)]}
@@ -128,7 +128,7 @@ def test_random_unit_like_is_the_per_leaf_draw_eagerly_and_traced():
     assert e.dtype == t.dtype == x.dtype and e.shape == x.shape
     ulp = float(jnp.finfo(x.dtype).eps)
     np.testing.assert_allclose(np.asarray(e, np.float64),
-                               np.asarray(t, np.float64), rtol=ulp, atol=0)
+                               np.asarray(t, np.float64), rtol=2 * ulp, atol=0)
     tol = 1e-2 if x.dtype == jnp.bfloat16 else 1e-6
     np.testing.assert_allclose(np.asarray(e, np.float64), o, rtol=tol,
                                atol=tol * 1e-2)
@@ -136,9 +136,9 @@ def test_random_unit_like_is_the_per_leaf_draw_eagerly_and_traced():
 
 
 def test_random_unit_like_pads_small_leaves_and_not_large_ones():
-  leaves = [jnp.ones((3,)), jnp.ones((5,)), jnp.ones((4,)),
-            jnp.ones((_tree._PAD_UP_TO + 1,))]  # pylint: disable=protected-access
+  small, large = _tree._SMALL, _tree._PAD_UP_TO  # pylint: disable=protected-access
+  leaves = [jnp.ones((3,)), jnp.ones((small + 1,)), jnp.ones((5, 7)),
+            jnp.ones((large + 1,)), jnp.ones((small + 2,))]
   layout = _tree._draw_layout(leaves)  # pylint: disable=protected-access
-  assert [size for size, _ in layout.groups] == [
-      4, 8, _tree._PAD_UP_TO + 1]  # pylint: disable=protected-access
-  assert [members for _, members in layout.groups] == [(0, 2), (1,), (3,)]
+  assert [size for size, _ in layout.groups] == [small, 2 * small, large + 1]
+  assert [members for _, members in layout.groups] == [(0, 2), (1, 4), (3,)]

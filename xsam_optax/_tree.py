@@ -213,7 +213,8 @@ def random_unit_like(key: jax.Array, tree: PyTree) -> PyTree:
     return tree
   layout = _draw_layout(leaves)
   if _on_one_device(leaves):
-    stacks, inv = jax.device_get(_unit_stacks(key, layout))
+    stacks = jax.device_get(_draws(key, layout))
+    inv = _inverse_norm(stacks, layout, np)
     out = [_put_like(_cut(stacks, leaf, inv, np), x)
            for leaf, x in zip(layout.leaves, leaves)]
   else:
@@ -240,14 +241,20 @@ class _DrawLayout(NamedTuple):
   leaves: tuple[_Leaf, ...]
 
 
-# Leaves up to this size are drawn in groups of padded sizes (powers of two),
-# larger ones at their own size: the padding costs at most twice the small
-# leaves' draws, nothing for large ones.
+# Leaves of at most _SMALL numbers (biases, norms' scales, small kernels) are
+# drawn in one group padded to _SMALL; larger ones up to _PAD_UP_TO in groups
+# of power-of-two sizes; larger ones at their own size. Each group is one
+# threefry kernel to compile (about 0.2 s on a CPU), and the padding costs
+# at most _SMALL numbers per small leaf, twice a middle one's, nothing for a
+# large one.
+_SMALL = 1 << 12
 _PAD_UP_TO = 1 << 20
 
 
 def _padded(size: int) -> int:
-  return size if size > _PAD_UP_TO else 1 << max(size - 1, 0).bit_length()
+  if size <= _SMALL:
+    return _SMALL
+  return size if size > _PAD_UP_TO else 1 << (size - 1).bit_length()
 
 
 def _draw_layout(leaves: list[Any]) -> _DrawLayout:
@@ -307,8 +314,8 @@ def _group_draws(key: jax.Array, layout: _DrawLayout) -> list[jax.Array]:
 
 def _cut(stacks, leaf: _Leaf, inv, xnp):
   """The leaf's unit-norm draw in its dtype, cut from the groups (``xnp``:
-  NumPy on the host or ``jax.numpy`` in a program; XLA may fold the scaling
-  into a division, so the two can differ in the last bit)."""
+  NumPy on the host or ``jax.numpy`` in a program; the norm is summed in
+  another order there, so the two can differ in the last bit)."""
   row = stacks[leaf.group][leaf.row]
   size = int(np.prod(leaf.shape, dtype=np.int64))
   if leaf.sharding is None:
@@ -316,32 +323,41 @@ def _cut(stacks, leaf: _Leaf, inv, xnp):
   # The draw is cast before it is scaled, as the norm was taken of the cast;
   # scaled in at least float32.
   acc = np.result_type(np.float32, leaf.dtype)
-  return (row.astype(leaf.dtype).astype(acc) * inv.astype(acc)).astype(leaf.dtype)
+  scale = xnp.asarray(inv).astype(acc)
+  return (row.astype(leaf.dtype).astype(acc) * scale).astype(leaf.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _unit_stacks(key: jax.Array, layout: _DrawLayout):
-  """The groups' draws and ``1 / ||draws||`` (0 if that norm is unusable)."""
-  stacks = _group_draws(key, layout)
+def _inverse_norm(stacks, layout: _DrawLayout, xnp):
+  """``1 / ||draws||`` over the leaves' numbers in their dtypes (0 if that
+  norm is zero or not finite), in ``xnp`` (NumPy on the host, ``jax.numpy``
+  in a program)."""
   squares = []
   for stack, (_, indices) in zip(stacks, layout.groups):
     first = layout.leaves[indices[0]]
-    # Each row's own numbers only: a padded row's tail is no leaf's.
-    sizes = np.asarray([np.prod(layout.leaves[i].shape, dtype=np.int64)
-                        for i in indices])
-    valid = (jnp.arange(stack.shape[1])[None, :] < sizes[:, None]
-             if first.sharding is None else True)
-    cast = stack.astype(first.dtype).astype(
-        jnp.result_type(jnp.float32, first.dtype))
-    squares.append(jnp.sum(jnp.where(valid, jnp.square(cast), 0.0)))
-  norm = jnp.sqrt(sum_leaves(squares))
-  ok = is_usable(norm)
-  return stacks, jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0)
+    acc = np.result_type(np.float32, first.dtype)
+    cast = stack.astype(first.dtype).astype(acc)
+    if first.sharding is None:
+      # Each row's own numbers only: a padded row's tail is no leaf's.
+      sizes = np.asarray([np.prod(layout.leaves[i].shape, dtype=np.int64)
+                          for i in indices])
+      valid = np.arange(stack.shape[1])[None, :] < sizes[:, None]
+      cast = xnp.where(valid, cast, 0)
+    squares.append(xnp.sum(xnp.square(cast)))
+  norm = (xnp.sqrt(sum_leaves(squares)) if xnp is jnp
+          else np.sqrt(np.sum(np.stack(squares).astype(np.float64))))
+  finite = xnp.isfinite(norm) & (norm > 0)
+  return xnp.where(finite, 1.0 / xnp.where(finite, norm, 1.0), 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draws(key: jax.Array, layout: _DrawLayout) -> list[jax.Array]:
+  return _group_draws(key, layout)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _unit_leaves(key: jax.Array, layout: _DrawLayout) -> list[jax.Array]:
-  stacks, inv = _unit_stacks(key, layout)
+  stacks = _group_draws(key, layout)
+  inv = _inverse_norm(stacks, layout, jnp)
   return [_cut(stacks, leaf, inv, jnp) for leaf in layout.leaves]
 
 
