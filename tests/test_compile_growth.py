@@ -22,16 +22,19 @@ from xsam_optax import _tree
 SMALL, LARGE = 10, 20  # leaves
 
 
+X = jnp.linspace(-1.0, 1.0, 32).reshape(8, 4)
+
+
+def batch_loss(p, x):
+  return sum(jnp.mean(jnp.sum(jnp.tanh(x @ p[k]) ** 2, axis=-1))
+             for k in sorted(p))
+
+
 def tree_problem(num_leaves):
   """``num_leaves`` (4, 3) matrices, each a tanh layer of its own."""
   params = {f"w{i:03d}": jnp.full((4, 3), 0.1 * (i % 7 + 1))
             for i in range(num_leaves)}
-  x = jnp.linspace(-1.0, 1.0, 32).reshape(8, 4)
-
-  def loss(p):
-    return sum(jnp.sum(jnp.tanh(x @ p[k]) ** 2) for k in sorted(p))
-
-  return params, jax.grad(loss)
+  return params, jax.grad(lambda p: batch_loss(p, X))
 
 
 def instructions(compiled) -> int:
@@ -41,6 +44,7 @@ def instructions(compiled) -> int:
 
 def step_size(make_tx, num_leaves, **update_args) -> int:
   params, grad_fn = tree_problem(num_leaves)
+  grad_fn = update_args.pop("grad_fn", grad_fn)
   tx = make_tx()
   state = tx.init(params)
 
@@ -70,6 +74,8 @@ CASES = {
         {"refresh": True}),
     "xsam, finite differences": (
         lambda: xsam_optax.xsam(sgd(), update_every=1), "fd"),
+    "xsam, accumulated micro-batches": (
+        lambda: xsam_optax.xsam(sgd()), "accumulated"),
 }
 
 
@@ -83,6 +89,10 @@ def test_compiled_step_grows_linearly_with_the_leaves(name):
       sizes.append(step_size(
           make_tx, n,
           curvature_fn=xsam_optax.finite_difference_fn(grad_fn)))
+  elif update_args == "accumulated":
+    sizes = [step_size(make_tx, n, refresh=True,
+                       grad_fn=xsam_optax.accumulated_grad_fn(batch_loss, X, 4))
+             for n in (SMALL, LARGE)]
   else:
     sizes = [step_size(make_tx, n, **update_args) for n in (SMALL, LARGE)]
   # Linear growth with a fixed part gives at most 2x for twice the leaves;

@@ -168,9 +168,16 @@ class EigenvectorState(NamedTuple):
   cos_angle: jax.Array
 
 
+@jax.jit
+def _start_key(seed) -> jax.Array:
+  """The key of the start vector: one program (run eagerly, the two random
+  calls would compile one each)."""
+  return jax.random.split(jax.random.PRNGKey(seed))[1]
+
+
 def initial_state(params: _tree.PyTree, seed: int) -> EigenvectorState:
   """A fresh state: a random unit eigenvector drawn from ``seed``."""
-  _, draw = jax.random.split(jax.random.PRNGKey(seed))
+  draw = _start_key(seed)
   scalar = _tree.scalar_dtype(params)
   return EigenvectorState(
       count=jnp.zeros((), jnp.int32),

@@ -211,12 +211,14 @@ def random_unit_like(key: jax.Array, tree: PyTree) -> PyTree:
   leaves, treedef = jax.tree.flatten(tree)
   if not leaves:
     return tree
-  layout = _draw_layout(leaves)
-  if _on_one_device(leaves):
+  # Inside a trace (jit of init) the key is traced even for constant leaves.
+  eager = not isinstance(key, jax.core.Tracer) and _on_one_device(leaves)
+  layout = _draw_layout(leaves, shardable=not eager)
+  if eager:
     stacks = jax.device_get(_draws(key, layout))
     inv = _inverse_norm(stacks, layout, np)
-    out = [_put_like(_cut(stacks, leaf, inv, np), x)
-           for leaf, x in zip(layout.leaves, leaves)]
+    out = _put_like([_cut(stacks, leaf, inv, np) for leaf in layout.leaves],
+                    leaves)
   else:
     out = _unit_leaves(key, layout)
   return treedef.unflatten(out)
@@ -257,30 +259,33 @@ def _padded(size: int) -> int:
   return size if size > _PAD_UP_TO else 1 << (size - 1).bit_length()
 
 
-def _draw_layout(leaves: list[Any]) -> _DrawLayout:
+def _draw_layout(leaves: list[Any], shardable: bool = True) -> _DrawLayout:
+  """The groups; ``shardable=False`` skips looking for explicit shardings
+  (concrete arrays on one device have none)."""
   groups: dict[Any, list[int]] = {}
   where = []
   for i, x in enumerate(leaves):
     shape = tuple(jnp.shape(x))
-    sharding = explicit_sharding(x)
-    dtype = jnp.dtype(jnp.result_type(x))
+    sharding = explicit_sharding(x) if shardable else None
+    dtype = jnp.dtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x))
     group = ((shape, i) if sharding is not None
              else (_padded(int(np.prod(shape, dtype=np.int64))), dtype))
-    members = groups.setdefault(group, [])
-    where.append(_Leaf(list(groups).index(group), len(members), shape,
-                       dtype, sharding))
-    members.append(i)
-  return _DrawLayout(tuple((g[0], tuple(m)) for g, m in groups.items()),
+    number = groups.setdefault(group, (len(groups), []))
+    where.append(_Leaf(number[0], len(number[1]), shape, dtype, sharding))
+    number[1].append(i)
+  return _DrawLayout(tuple((g[0], tuple(m)) for g, (_, m) in groups.items()),
                      tuple(where))
 
 
-def _put_like(value: np.ndarray, x: Any) -> jax.Array:
-  """``value`` on ``x``'s device if ``x`` is committed to one (as jit would
-  place it), else on the default device, uncommitted (so the first step's
-  arguments are committed as they are on later steps: one compilation)."""
-  if getattr(x, "committed", False):
-    return jax.device_put(value, x.sharding)
-  return jax.device_put(value)
+def _put_like(values: list[np.ndarray], leaves: list[Any]) -> list[jax.Array]:
+  """Each value on its leaf's device if that leaf is committed to one (as jit
+  would place it), else on the default device, uncommitted (so the first
+  step's arguments are committed as they are on later steps: one
+  compilation). One transfer call for all the uncommitted ones."""
+  committed = [getattr(x, "committed", False) for x in leaves]
+  free = iter(jax.device_put([v for v, c in zip(values, committed) if not c]))
+  return [jax.device_put(v, x.sharding) if c else next(free)
+          for v, x, c in zip(values, leaves, committed)]
 
 
 def _on_one_device(leaves: list[Any]) -> bool:
