@@ -329,3 +329,90 @@ def test_nonfinite_gradient_without_normalisation_gives_zeros(bad):
   np.testing.assert_allclose(
       flat(updates), oracle_correct(g, state.eigenvector, 0.3,
                                     normalize=False), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------ any finite scale of the gradient
+
+
+def _tanh_problem(dtype):
+  """A small tanh regression in ``dtype``: ``(params, loss)``."""
+  rng = np.random.default_rng(0)
+  cast = lambda a: jnp.asarray(a, dtype)
+  params = {"w": cast(rng.normal(size=(3, 4))), "v": cast(rng.normal(size=4))}
+  x, y = cast(rng.normal(size=(8, 3))), cast(rng.normal(size=8))
+  loss = lambda p: jnp.mean((jnp.tanh(x @ p["w"]) @ p["v"] - y) ** 2)
+  return params, loss
+
+
+SCALED = {
+    "sam_ascent": lambda: xsam_optax.sam_ascent(0.05),
+    "xsam, power": lambda: optax.chain(
+        xsam_optax.sam_ascent(0.05),
+        xsam_optax.eigenvector_correction(0.3, update_every=1, num_iters=2)),
+    "xsam, lanczos": lambda: optax.chain(
+        xsam_optax.sam_ascent(0.05),
+        xsam_optax.eigenvector_correction(0.3, update_every=1, num_iters=3,
+                                          method="lanczos")),
+    "eigen_sam_ascent, lanczos": lambda: xsam_optax.eigen_sam_ascent(
+        0.05, 0.3, update_every=1, num_iters=3, method="lanczos"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def scaled_steps(dtype):
+  """One jitted program: each transform's first update, with ``grad_fn``
+  (and so every curvature product) multiplied by ``scale``."""
+  params, loss = _tanh_problem(dtype)
+  txs = {name: make() for name, make in SCALED.items()}
+
+  @jax.jit
+  def run(scale):
+    grad_fn = lambda p: jax.tree.map(
+        lambda g: (g.astype(jnp.float32) * scale).astype(g.dtype),
+        jax.grad(loss)(p))
+    out = {}
+    for name, tx in txs.items():
+      updates, state = tx.update(grad_fn(params), tx.init(params), params,
+                                 grad_fn=grad_fn)
+      out[name] = (updates, optax.tree.get(state, "eigenvalue"),
+                   optax.tree.get(state, "residual"))
+    return out
+
+  return run
+
+
+@pytest.mark.parametrize("dtype, scales", [
+    (jnp.float32, (1e20, 1e-20, 1e30, 1e-30)),
+    (jnp.bfloat16, (1e20, 1e-20, 1e30, 1e-30)),
+    (jnp.float16, (1e3, 1e-3)),  # what float16 can hold
+])
+def test_updates_are_the_same_at_any_scale_of_the_gradient(dtype, scales):
+  # Unscaled, float32 squares of a gradient of norm 1e20 overflow and those
+  # of 1e-20 flush to zero: the unit directions were zeros. Now SAM's
+  # gradient scales with the loss, X-SAM's direction does not, and the
+  # eigenvalue and residual scale with it; all within the dtype's rounding
+  # (the scaled gradient is rounded to the dtype first).
+  run = scaled_steps(dtype)
+  want = run(jnp.float32(1.0))
+  eps = float(jnp.finfo(dtype).eps)
+  for scale in scales:
+    got = run(jnp.float32(scale))
+    for name in SCALED:
+      updates, eigenvalue, residual = got[name]
+      want_updates, want_eigenvalue, want_residual = want[name]
+      # The ascents give a gradient, X-SAM a direction.
+      divide = 1.0 if name.startswith("xsam") else scale
+      np.testing.assert_allclose(
+          flat(updates) / divide, flat(want_updates), rtol=2 * eps,
+          atol=2 * eps * np.abs(flat(want_updates)).max(),
+          err_msg=f"{name} at scale {scale}")
+      if eigenvalue is None:
+        continue
+      tolerance = 1e-5 if dtype == jnp.float32 else 0.05
+      np.testing.assert_allclose(float(eigenvalue) / scale,
+                                 float(want_eigenvalue), rtol=tolerance,
+                                 err_msg=f"{name} at scale {scale}")
+      np.testing.assert_allclose(float(residual) / scale,
+                                 float(want_residual), rtol=tolerance,
+                                 atol=tolerance * abs(float(want_eigenvalue)),
+                                 err_msg=f"{name} at scale {scale}")

@@ -142,8 +142,8 @@ def verify_incoming(updates: _tree.PyTree, params: _tree.PyTree,
     return jnp.asarray(u, acc) - jnp.asarray(g, acc)
 
   difference = jax.tree.map(leaf_difference, updates, expected)
-  difference = jnp.sqrt(_tree.vdot(difference, difference))
-  reference = jnp.sqrt(_tree.vdot(expected, expected))
+  difference = _tree.global_norm(difference)
+  reference = _tree.global_norm(expected)
   try:
     _raise_if_differ(owner, difference, reference, tolerance)
   except jax.errors.ConcretizationTypeError:

@@ -109,7 +109,9 @@ def eigen_sam_ascent(
     perpendicular = _tree.add_scaled(eigenvector, -cos, unit)
     direction = _tree.add_scaled(unit, alpha_now * jnp.sign(cos),
                                   perpendicular)
-    direction, _ = _tree.safe_normalize(direction)
+    # A sum of unit vectors, entries at most 1 + 2 alpha: no scaling needed
+    # (and none paid for) before its squares.
+    direction, _ = _tree.safe_normalize(direction, scale=1.0)
     adv_grads = _ascent.sam_gradient(
         grad_fn, _tree.add_scaled(params, rho_now, direction), params,
         batch_axis_name, owner="eigen_sam_ascent")

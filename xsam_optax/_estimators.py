@@ -153,13 +153,20 @@ def power_iteration_from_unit(matvec, v0: _tree.PyTree, *, num_iters: int,
   def step(carry):
     count, v, _, _, _ = carry
     w = matvec(v)
+    # The product scaled by a power of two (exactly) to a largest entry
+    # near 1, once: its norm, the residual's (no larger than a few times
+    # ||w||) and the Rayleigh quotient then neither overflow nor flush to
+    # zero at any scale of the curvature.
+    scale = _tree.unit_scale(w)
+    w = jax.tree.map(lambda x: (x * scale).astype(x.dtype), w)
     eigenvalue = _tree.vdot(v, w).astype(scalar)
-    residual = _tree.global_norm(_tree.add_scaled(w, -eigenvalue, v))
-    next_v, w_norm = _tree.safe_normalize(w)
+    residual = _tree.global_norm(_tree.add_scaled(w, -eigenvalue, v),
+                                 scale=1.0)
+    next_v, w_norm = _tree.safe_normalize(w, scale=1.0)
     ok = _tree.is_usable(w_norm) & jnp.isfinite(eigenvalue)
     next_v = optax.tree.where(ok, next_v, v)
-    eigenvalue = jnp.where(jnp.isfinite(eigenvalue), eigenvalue, 0.0)
-    residual = jnp.where(jnp.isfinite(residual), residual, jnp.inf)
+    eigenvalue = jnp.where(jnp.isfinite(eigenvalue), eigenvalue / scale, 0.0)
+    residual = jnp.where(jnp.isfinite(residual), residual / scale, jnp.inf)
     converged = (
         residual <= tol * jnp.abs(eigenvalue) if tol is not None else False
     )
@@ -346,20 +353,31 @@ def _ritz_pairs(alphas: jax.Array, betas: jax.Array, live: jax.Array,
   that only the steps that did not run would span)."""
   m = alphas.shape[0]
   scalar = alphas.dtype
+  # Decomposed at a largest entry near 1 (an exact power-of-two scaling): an
+  # eigensolver squares entries, which at a curvature of 1e20 or 1e-20
+  # overflow or flush to zero in float32. Rows of steps that did not run
+  # are zero.
+  scale = _tree.power_of_two_scale(
+      jnp.max(jnp.abs(jnp.concatenate([alphas, betas]))))
   # Couplings to steps that did not run are dropped; the last live beta stays
   # for the residual. Dead steps get a diagonal below every live Ritz value
   # (Gershgorin bound), so they sort last.
   live_next = jnp.concatenate([live[1:], jnp.zeros((1,), bool)])
-  couplings = jnp.where(live_next, betas, 0.0)[:-1]
+  couplings = jnp.where(live_next, betas * scale, 0.0)[:-1]
+  scaled_alphas = alphas * scale
   radius = jnp.abs(jnp.concatenate([couplings, jnp.zeros((1,), scalar)]))
   radius = radius + jnp.abs(jnp.concatenate([jnp.zeros((1,), scalar),
                                              couplings]))
-  floor = jnp.min(jnp.where(live, alphas - radius, jnp.inf)) - 1.0
+  # The largest finite number, not inf, where no step ran: an inf never
+  # appears in a healthy step (jax_debug_infs).
+  floor = jnp.min(jnp.where(live, scaled_alphas - radius,
+                            jnp.finfo(scalar).max)) - 1.0
   floor = jnp.where(jnp.any(live), floor, 0.0)
-  diagonal = jnp.where(live, alphas, floor)
+  diagonal = jnp.where(live, scaled_alphas, floor)
   tridiagonal = (jnp.diag(diagonal) + jnp.diag(couplings, 1)
                  + jnp.diag(couplings, -1))
   ritz_values, ritz_coeffs = jnp.linalg.eigh(tridiagonal)
+  ritz_values = ritz_values / scale
   top = jnp.arange(m - 1, m - 1 - k, -1)
   values = ritz_values[top]
   coeffs = ritz_coeffs[:, top]  # (m, k)
