@@ -68,6 +68,16 @@ def _fixed_loop(num_iters: int, body, init, unroll: bool):
   return carry
 
 
+def _or_inf(ok: jax.Array, x: jax.Array) -> jax.Array:
+  """``x`` where ``ok``, ``inf`` elsewhere; no ``inf`` computed where ``ok``.
+
+  Not ``jnp.where(ok, x, jnp.inf)``: that materialises an ``inf`` constant
+  on every call, which ``jax_debug_infs`` (and ``jax_debug_nans``' op by op
+  rerun, which looks for the first bad value) reports in a healthy run.
+  """
+  return jnp.where(ok, x, 1 / jnp.where(ok, 1, 0).astype(x.dtype))
+
+
 def _resolve_unroll(unroll: Optional[bool], num_iters: int) -> bool:
   if unroll is None:
     return num_iters <= UNROLL_UP_TO
@@ -166,7 +176,7 @@ def power_iteration_from_unit(matvec, v0: _tree.PyTree, *, num_iters: int,
     ok = _tree.is_usable(w_norm) & jnp.isfinite(eigenvalue)
     next_v = optax.tree.where(ok, next_v, v)
     eigenvalue = jnp.where(jnp.isfinite(eigenvalue), eigenvalue / scale, 0.0)
-    residual = jnp.where(jnp.isfinite(residual), residual / scale, jnp.inf)
+    residual = _or_inf(jnp.isfinite(residual), residual / scale)
     converged = (
         residual <= tol * jnp.abs(eigenvalue) if tol is not None else False
     )
@@ -176,7 +186,8 @@ def power_iteration_from_unit(matvec, v0: _tree.PyTree, *, num_iters: int,
       jnp.zeros((), jnp.int32),
       v0,
       jnp.zeros((), scalar),
-      jnp.full((), jnp.inf, scalar),
+      # Never returned: the loop runs at least once.
+      jnp.zeros((), scalar),
       jnp.zeros((), bool),
   )
   if tol is None:
@@ -272,8 +283,7 @@ def lanczos_from_unit(matvec, v0: _tree.PyTree, *, num_iters: int, k: int = 1,
   combine = _tree.list_combination if unroll else _tree.stacked_combination
   vectors = combine(coeffs.T, basis)  # leaves (k, ...)
   vectors, norms = jax.vmap(_tree.safe_normalize)(vectors)
-  residuals = jnp.where(_tree.is_usable(norms), residuals,
-                        jnp.inf).astype(residuals.dtype)
+  residuals = _or_inf(_tree.is_usable(norms), residuals)
   num_matvecs = jnp.asarray(num_iters, jnp.int32)
   if k == 1:
     vectors = jax.tree.map(lambda x: x[0], vectors)
@@ -384,5 +394,5 @@ def _ritz_pairs(alphas: jax.Array, betas: jax.Array, live: jax.Array,
   last = jnp.sum(live) - 1
   residuals = jnp.abs(betas[last] * coeffs[last])
   is_real = live[jnp.argmax(jnp.abs(coeffs), axis=0)]
-  residuals = jnp.where(is_real, residuals, jnp.inf)
+  residuals = _or_inf(is_real, residuals)
   return values, coeffs, residuals
