@@ -43,7 +43,8 @@ def eigen_sam_ascent(
   a gradient that is not finite at the SAM point becomes zeros. ``rho`` and
   ``alpha`` given as arrays (``optax.inject_hyperparams``) are not checked;
   a NaN or infinite one acts as 0 (``alpha``: plain SAM; ``rho``: the
-  gradient at ``params``).
+  gradient at ``params``). Complex leaves in ``params`` are refused, as in
+  :func:`eigenvector_correction`.
 
   Args:
     rho: radius of the neighbourhood (``>= 0``).
@@ -119,4 +120,5 @@ def eigen_sam_ascent(
         state, (eigenvector, eigenvalue, residual), cos)
 
   return _float_leaves.on_float_leaves(
-      optax.GradientTransformationExtraArgs(init_fn, update_fn))
+      optax.GradientTransformationExtraArgs(init_fn, update_fn),
+      owner="eigen_sam_ascent")

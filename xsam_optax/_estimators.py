@@ -119,7 +119,8 @@ def power_iteration(
   Args:
     matvec: a symmetric linear map from pytrees like ``v0`` to pytrees like
       ``v0``.
-    v0: start vector (any nonzero pytree; normalised here).
+    v0: start vector (any nonzero real pytree; normalised here; complex
+      leaves raise a ``ValueError``: the inner products do not conjugate).
     num_iters: number of products with ``matvec`` (static, ``>= 1``).
     tol: if set, stop early once the relative residual
       :math:`\|Av - \lambda v\| / |\lambda|` is at most ``tol``; the loop is
@@ -143,6 +144,7 @@ def power_iteration(
     Golub and Van Loan, *Matrix Computations*, 4th ed., section 7.3.1.
   """
   _validation.check_int("num_iters", num_iters, minimum=1)
+  _validation.reject_complex(v0, what="v0", owner="power_iteration")
   if tol is not None:
     _validation.check_float("tol", tol, minimum=0.0)
   return power_iteration_from_unit(matvec, _unit_start(v0),
@@ -236,7 +238,8 @@ def lanczos(
   Args:
     matvec: a symmetric linear map from pytrees like ``v0`` to pytrees like
       ``v0``.
-    v0: start vector (any nonzero pytree; normalised here).
+    v0: start vector (any nonzero real pytree; normalised here; complex
+      leaves raise a ``ValueError``: the inner products do not conjugate).
     num_iters: Krylov dimension, i.e. number of products (static, ``>= k``).
     k: how many of the largest eigenpairs to return.
     reorthogonalize: full reorthogonalisation (recommended).
@@ -263,6 +266,7 @@ def lanczos(
   _validation.check_int("k", k, minimum=1, maximum=num_iters,
                         maximum_name="num_iters")
   _validation.check_bool("reorthogonalize", reorthogonalize)
+  _validation.reject_complex(v0, what="v0", owner="lanczos")
   return lanczos_from_unit(matvec, _unit_start(v0), num_iters=num_iters, k=k,
                            reorthogonalize=reorthogonalize, unroll=unroll)
 

@@ -29,7 +29,10 @@ def as_arrays(tree: PyTree) -> PyTree:
 
 
 def is_float(x: Any) -> bool:
-  """Whether a leaf is a direction of the loss: a float (or complex) dtype.
+  """Whether a leaf is a direction of the loss: a float dtype.
+
+  (Complex leaves are refused before any arithmetic: see
+  ``_validation.reject_complex``.)
 
   Integer and boolean leaves (a step counter) are not; their gradients are
   ``float0`` (``jax.grad(..., allow_int=True)``).
