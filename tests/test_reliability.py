@@ -172,6 +172,37 @@ def test_integer_leaves_with_zero_gradients_train_as_with_plain_optax():
   assert_leaves_close({k: trained[k] for k in PARAMS}, train(PARAMS, GRAD_FN))
 
 
+def _train_three_steps(tx, params, grad_fn):
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(grad_fn(params), state, params,
+                               grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(3):
+    params, state = step(params, state)
+  return params
+
+
+@pytest.mark.parametrize("name", ["sam", "xsam"])
+def test_float0_gradients_train_through_sam_and_xsam(name):
+  # jax.grad(..., allow_int=True) gives the counter a float0 gradient,
+  # which optax's SGD cannot compute with (it failed inside optax). The base
+  # decays weights and keeps momentum; the counter must not move. Oracle:
+  # the same tree without its integer leaves.
+  base = lambda: optax.chain(optax.add_decayed_weights(0.01),
+                             optax.sgd(LR, momentum=0.9))
+  make = {"sam": lambda: xsam_optax.sam(base(), rho=RHO),
+          "xsam": lambda: xsam_optax.xsam(base(), rho=RHO, alpha=ALPHA)}[name]
+  trained = _train_three_steps(make(), with_counter(PARAMS), COUNTER_GRAD_FN)
+  assert int(trained["step"]) == 7 and trained["step"].dtype == jnp.int32
+  assert bool(trained["frozen"]) is True and trained["frozen"].dtype == bool
+  assert_leaves_close({k: trained[k] for k in PARAMS},
+                      _train_three_steps(make(), PARAMS, GRAD_FN))
+
+
 # ------------------------------------------------- 3. a user's estimator
 
 

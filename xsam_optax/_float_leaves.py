@@ -121,3 +121,35 @@ def on_float_leaves(
     return split.whole(new, updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def zero_integer_updates(
+    optimizer: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  """The base ``optimizer``, with a zero update for every integer leaf.
+
+  What :func:`sam` and :func:`xsam` put after the ascent. An integer leaf's
+  incoming update is ``float0`` (``jax.grad(..., allow_int=True)``), which
+  optax's optimizers cannot compute with: the base gets a zero of the leaf's
+  dtype instead, as plain optax would be given, so its state is the one it
+  keeps for such a leaf. The leaf's outgoing update is a zero of its dtype
+  too, whatever the base made of it, so ``optax.apply_updates`` leaves a
+  step counter where it was. When every leaf is a float, ``optimizer`` runs
+  as it is.
+  """
+  optimizer = optax.with_extra_args_support(optimizer)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:  # The ascent before it has raised already.
+      return optimizer.update(updates, state, params, **extra_args)
+    arrays = _tree.as_arrays(params)
+    if _all_float(arrays):
+      return optimizer.update(updates, state, params, **extra_args)
+    split = _Split(arrays)
+    zeros = jax.tree.map(
+        lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), arrays)
+    new, state = optimizer.update(split.whole(split.part(updates), zeros),
+                                  state, params, **extra_args)
+    return split.whole(split.part(new), zeros), state
+
+  return optax.GradientTransformationExtraArgs(optimizer.init, update_fn)
