@@ -332,8 +332,25 @@ def test_xsam_defaults_are_the_librarys():
     (["--rule", "sign-invariant"], "--rule"),
     (["--out", "/proc/no/such/folder"], "--out '/proc/no/such/folder' cannot be created"),
     (["--train-size", "10", "--batch-size", "64"], "--train-size"),
+    # Larger than the training split (digits has 1347 examples), with or
+    # without --train-size: an epoch would have no step.
+    (["--dataset", "digits", "--batch-size", "2000"],
+     "--batch-size must be <= the 1347 training examples of digits, got 2000"),
+    (["--dataset", "digits", "--train-size", "3000", "--batch-size", "1500"],
+     "--batch-size must be <= the 1347 training examples of digits "
+     "(--train-size 3000), got 1500"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
+    (["--rho", "inf"], "--rho must be a finite number >= 0"),
+    (["--seed", str(2 ** 63)], "--seed must be in [0, 2**63)"),
 ])
-def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys):
+def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys,
+                                              monkeypatch):
+  def compiled(*args, **kwargs):
+    raise AssertionError("a bad flag must be reported before compiling")
+
+  monkeypatch.setattr(loop, "init_variables", compiled)
   with pytest.raises(SystemExit) as exit_info:
     cli.main(argv)
   assert exit_info.value.code != 0
@@ -356,3 +373,63 @@ def test_bad_flag_from_the_shell():
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 2
   assert proc.stderr.strip().count("\n") == 0 and "--rho" in proc.stderr
+
+
+# ------------------------------------------------------------------- Ctrl-C
+
+
+TINY = ["--dataset", "digits", "--model", "mlp", "--train-size", "64", "--batch-size", "32",
+        "--epochs", "1", "--eig-iters", "2", "--eval-batch-size", "32", "--update-every", "1",
+        "--no-progress"]
+
+
+def test_ctrl_c_ends_with_130_and_writes_what_finished(tmp_path):
+  """SIGINT to the shell command once sgd has finished: status 130, one line on
+  stderr and no traceback, and the metrics and curves of sgd in a folder --out
+  created (it did not exist)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "new" / "folder"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "xsam_optax.train.cli", *TINY, "--out", str(out)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    finished = []
+    for line in proc.stdout:  # The line that says sgd has finished.
+      if line.startswith("sgd: finished"):
+        finished.append(line)
+        proc.send_signal(signal.SIGINT)
+        break
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert finished, err
+  assert proc.returncode == 130, err
+  assert "Traceback" not in err, err
+  assert err.count("\n") == 1 and err.startswith("xsam-train: interrupted; wrote "), err
+  with open(out / "metrics.json", encoding="utf-8") as f:
+    metrics = json.load(f)
+  assert "sgd" in metrics["runs"] and "xsam" not in metrics["runs"]
+  assert metrics["interrupted"]["finished"] == list(metrics["runs"])
+  assert "xsam" in metrics["interrupted"]["not_finished"]
+  with open(out / "curves.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ctrl_c_before_any_optimizer_finished_writes_nothing(tmp_path, monkeypatch,
+                                                             capsys):
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(loop, "init_variables", interrupted)  # while compiling
+  assert cli.main([*TINY, "--out", str(tmp_path)]) == 130
+  err = capsys.readouterr().err
+  assert err == ("xsam-train: interrupted before any optimizer finished; "
+                 "nothing written\n")
+  assert not os.listdir(tmp_path)
+
+
+def test_out_creates_a_folder_that_does_not_exist(tmp_path):
+  out = tmp_path / "a" / "b"
+  cli.parse_args(["--out", str(out)])
+  assert out.is_dir()
