@@ -65,6 +65,27 @@ def test_check_incoming_tolerance_is_relative_to_the_gradient(scale):
           in str(info.value)), str(info.value)
 
 
+def test_check_incoming_tolerance_is_the_least_precise_leaf_dtypes():
+  # A bfloat16 leaf beside a float32 one: the incoming gradient may differ
+  # from grad_fn's by bfloat16 rounding (one ulp, 2^-7 relative, here most
+  # of the norm), which the float32 tolerance (sqrt(2^-23) = 3.5e-4) would
+  # reject; the documented tolerance is the widest dtype's, sqrt(2^-7).
+  params = {"w": jnp.array([1.0, -2.0], jnp.bfloat16),
+            "b": jnp.array([0.5, 0.1], jnp.float32)}
+  loss = lambda p: (jnp.sum(p["w"].astype(jnp.float32) ** 4)
+                    + jnp.sum(jnp.cos(3.0 * p["b"])))
+  grad_fn = jax.grad(loss)
+  g = grad_fn(params)
+  tx = xsam_optax.sam_ascent(0.1)
+  state = tx.init(params)
+  check = lambda factor: tx.update(
+      {"w": (g["w"] * factor).astype(jnp.bfloat16), "b": g["b"]}, state,
+      params, grad_fn=grad_fn, check_incoming=True)
+  check(1 + 2.0 ** -7)  # one bfloat16 ulp of the leaf: rounding, passes
+  with pytest.raises(ValueError, match=r"tolerance 0\.088\)"):
+    check(1.25)  # beyond sqrt(2^-7) = 0.088 relative: reported
+
+
 def test_check_incoming_under_a_mapped_axis_compares_with_the_mean_gradient():
   params, loss, batch = mlp_problem(n=16, dtype=jnp.float32)
   shards = jax.tree.map(lambda a: a.reshape((4, -1) + a.shape[1:]), batch)
