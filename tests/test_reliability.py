@@ -142,6 +142,58 @@ def test_integer_leaves_pass_through_and_the_float_leaves_get_their_own_update(
     assert_leaves_close(state, want_state)
 
 
+def _outputs(p):
+  """Outputs whose loss below is ``loss``: a Gauss-Newton split of it."""
+  scale = 1.0 + 0.0 * p.get("step", 0)  # reads the counter, if there is one
+  return jnp.concatenate([p["w"] ** 2, jnp.cos(3.0 * p["b"])]) * scale
+
+
+def _output_loss(z):
+  return jnp.sum(z[:2] ** 2) + jnp.sum(z[2:])
+
+
+CURVATURES = {
+    "hessian_fn": lambda grad_fn: xsam_optax.hessian_fn(grad_fn),
+    "gauss_newton_fn": lambda grad_fn: xsam_optax.gauss_newton_fn(
+        _outputs, _output_loss),
+}
+
+
+@pytest.mark.parametrize("name", CURVATURES)
+def test_integer_leaves_with_exact_curvature_products(name):
+  # Exact products differentiate through every leaf: jax.jvp needs a float0
+  # tangent at an integer leaf. Oracle: the tree without its integer leaves.
+  np.testing.assert_allclose(float(_output_loss(_outputs(PARAMS))),
+                             float(loss(PARAMS["w"], PARAMS["b"])), rtol=1e-6)
+  make = lambda: optax.chain(
+      xsam_optax.sam_ascent(RHO),
+      xsam_optax.eigenvector_correction(ALPHA, update_every=1, num_iters=3))
+  updates, state = run(make(), with_counter(PARAMS), COUNTER_GRAD_FN,
+                       curvature_fn=CURVATURES[name](COUNTER_GRAD_FN))
+  want, want_state = run(make(), PARAMS, GRAD_FN,
+                         curvature_fn=CURVATURES[name](GRAD_FN))
+  assert updates["step"].dtype == jax.dtypes.float0
+  assert_leaves_close({k: updates[k] for k in PARAMS}, want)
+  assert_leaves_close(state, want_state)
+  assert float(optax.tree.get(state, "eigenvalue")) > 1.0  # a real refresh
+
+
+@pytest.mark.parametrize("name", ["sam", "xsam", "eigen_sam_ascent"])
+def test_grad_fn_of_another_structure_with_integer_leaves_names_both(name):
+  params = with_counter(PARAMS)
+  tx = ASCENTS[name]()
+  floats_only = lambda p: {k: v for k, v in COUNTER_GRAD_FN(p).items()
+                           if k in PARAMS}  # drops the integer leaves
+  with pytest.raises(ValueError) as info:
+    tx.update(COUNTER_GRAD_FN(params), tx.init(params), params,
+              grad_fn=floats_only)
+  message = str(info.value)
+  assert "grad_fn returned a pytree whose structure differs from params" in (
+      message), message
+  assert str(jax.tree.structure(params)) in message, message
+  assert str(jax.tree.structure(floats_only(params))) in message, message
+
+
 def test_integer_leaves_with_zero_gradients_train_as_with_plain_optax():
   # Plain optax accepts a zero gradient of the leaf's own dtype; so must
   # xsam(...), leaving the counter where it was.
