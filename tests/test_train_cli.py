@@ -433,3 +433,93 @@ def test_out_creates_a_folder_that_does_not_exist(tmp_path):
   out = tmp_path / "a" / "b"
   cli.parse_args(["--out", str(out)])
   assert out.is_dir()
+
+
+@pytest.mark.parametrize("name, curvature, message", [
+    ("adam", "hessian",
+     "optimizer must be one of ('sgd', 'sam', 'xsam', 'eigensam'), got 'adam'"),
+    ("xsam", "fisher",
+     "curvature must be one of ('hessian', 'gauss-newton'), got 'fisher'"),
+    ("sgd", "fisher",  # checked for every optimizer, used or not
+     "curvature must be one of ('hessian', 'gauss-newton'), got 'fisher'"),
+], ids=["optimizer", "curvature", "curvature of sgd"])
+def test_make_optimizer_names_an_unknown_optimizer_or_curvature(name, curvature,
+                                                                message):
+  with pytest.raises(ValueError) as info:
+    optimizers.make_optimizer(name, learning_rate=0.1, curvature=curvature)
+  assert str(info.value) == message
+
+
+def _trained_optimizers(monkeypatch, tmp_path, *flags):
+  """The optimizers the CLI's comparison hands to the training loop, per name."""
+  captured = {}
+
+  def run_training(model, optimizer, dataset, **kwargs):
+    del model, dataset, kwargs
+    captured[optimizer.tx] = optimizer
+    curve = [0.5]
+    return None, loop.RunResult(curve, curve, curve, curve, curve, None, None,
+                                [1.0, 1.0], 0.0)
+
+  monkeypatch.setattr(loop, "run_training", run_training)
+  args = cli.parse_args(["--optimizer", "xsam", "--out", str(tmp_path), *flags])
+  protocol = loop.make_protocol("digits", "mlp", batch_size=16, epochs=1, lr=0.1,
+                                eval_batch_size=16, train_size=32)
+  runs = {}
+  cli._train_all(args, protocol, None, None, None, runs)  # pylint: disable=protected-access
+  assert list(runs) == ["xsam"]
+  (optimizer,) = captured.values()
+  return optimizer
+
+
+def _anti_aligned_update(tx):
+  """``tx``'s update, no refresh, with the stored eigenvector at -g/||g||:
+  the cosine is negative, where the rules differ (|c| against c)."""
+  params = {"w": jnp.array([0.5, -1.0, 2.0]), "b": jnp.array([0.3])}
+  grad_fn = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"]) ** 2) * p["b"][0])
+  g = grad_fn(params)
+  state = tx.init(params)
+  norm = optax.tree.norm(g)
+  v = jax.tree.map(lambda x: -x / norm, g)
+  state = (state[0], state[1]._replace(eigenvector=v), *state[2:])
+  # Jitted: eagerly each operation would compile on its own.
+  return jax.jit(lambda s: tx.update(g, s, params, grad_fn=grad_fn,
+                                     refresh=False)[0])(state)
+
+
+def test_cli_trains_xsam_with_the_rule_its_flag_names(monkeypatch, tmp_path):
+  """--rule reaches the transform the loop trains (not only the recorded config):
+  its update is the one of make_optimizer(rule=...), not the default's."""
+  optimizer = _trained_optimizers(monkeypatch, tmp_path, "--rule", "sign_invariant")
+  got = _anti_aligned_update(optimizer.tx)
+  build = lambda rule: optimizers.make_optimizer("xsam", learning_rate=0.1, rule=rule).tx
+  chex.assert_trees_all_close(got, _anti_aligned_update(build("sign_invariant")),
+                              rtol=1e-6)
+  difference = jax.tree.map(lambda a, b: jnp.abs(a - b).max(), got,
+                            _anti_aligned_update(build("reference")))
+  assert max(jax.tree.leaves(difference)) > 1e-3
+
+
+def test_cli_refreshes_with_the_curvature_its_flag_names(monkeypatch, tmp_path):
+  """--curvature gauss-newton reaches the step the loop compiles: a refresh by
+  the optimizer the CLI built moves the eigenvector otherwise than a Hessian
+  refresh (that a Gauss-Newton step refreshes as by hand is
+  test_gauss_newton_curvature_reaches_the_refresh)."""
+  optimizer = _trained_optimizers(monkeypatch, tmp_path, "--curvature", "gauss-newton")
+  assert optimizer.curvature == "gauss-newton"
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)), jnp.float32)
+  y = jnp.arange(8) % 3
+  model = models.make_model("mlp", num_classes=3)
+
+  # The same transform refreshing with Hessian products: one initial state.
+  hessian = optimizer._replace(curvature="hessian")
+  state = loop.init_state(model, optimizer.tx, x, seed=0)
+
+  def refreshed(opt):
+    step = jax.jit(loop.make_train_step(model, opt.tx, curvature=opt.curvature),
+                   static_argnames="refresh")
+    return optax.tree.get(step(state, x, y, refresh=True)[0].opt_state, "eigenvector")
+
+  difference = jax.tree.map(lambda a, b: jnp.abs(a - b).max(), refreshed(optimizer),
+                            refreshed(hessian))
+  assert max(jax.tree.leaves(difference)) > 1e-3
