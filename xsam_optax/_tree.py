@@ -68,9 +68,10 @@ def safe_normalize(tree: PyTree, *, scale: Optional[jax.Array] = None
 
   A zero or non-finite tree gives a zero tree (never NaN), and then
   ``is_usable(norm)`` is false; callers decide what to do with it, e.g.
-  keep a previous vector. A norm beyond the dtype's largest number (a
-  finite tree can have one) is returned as that number, so that
-  ``is_usable(norm)`` says whether the unit vector is nonzero.
+  keep a previous vector. A finite tree whose norm is beyond the dtype's
+  largest number gets its exact unit vector and an infinite norm (not
+  clamped: that would cost scalar arithmetic in every leaf's fusion of the
+  callers that test the norm).
   """
   scale, squares = _scaled_squares(tree, scale)
   ok = is_usable(squares)
@@ -82,7 +83,7 @@ def safe_normalize(tree: PyTree, *, scale: Optional[jax.Array] = None
   unit = jax.tree.map(
       lambda x: jnp.where(ok, _widened(x) * scale * inv, 0).astype(x.dtype),
       tree)
-  return unit, _unscaled_norm(squares, scale, ok)
+  return unit, jnp.sqrt(squares) / scale
 
 
 def vdot(x: PyTree, y: PyTree) -> jax.Array:
@@ -115,7 +116,7 @@ def global_norm(tree: PyTree, *, scale: Optional[jax.Array] = None
   of two first, as in :func:`safe_normalize` (``scale`` as there).
   """
   scale, squares = _scaled_squares(tree, scale)
-  return _unscaled_norm(squares, scale, is_usable(squares))
+  return jnp.sqrt(squares) / scale
 
 
 def unit_scale(tree: PyTree) -> jax.Array:
@@ -172,13 +173,6 @@ def _scaled_squares(tree: PyTree, scale: Optional[jax.Array]
   squares = sum_leaves([jnp.sum(jnp.square(_widened(x) * scale))
                         for x in jax.tree.leaves(tree)])
   return scale, squares
-
-
-def _unscaled_norm(squares: jax.Array, scale: jax.Array,
-                   ok: jax.Array) -> jax.Array:
-  """``sqrt(squares) / scale``, at most the largest finite number if ``ok``."""
-  norm = jnp.sqrt(squares) / scale
-  return jnp.where(ok, jnp.minimum(norm, jnp.finfo(norm.dtype).max), norm)
 
 
 def sum_leaves(parts: list[jax.Array]) -> jax.Array:
