@@ -274,3 +274,73 @@ def test_accumulated_grad_fn_bad_batch_or_count(batch, num, message):
   with pytest.raises(ValueError) as info:
     xsam_optax.accumulated_grad_fn(lambda p, b: 0.0, batch, num)
   assert message in str(info.value), str(info.value)
+
+
+# ------------------------------------------------------- complex parameters
+
+
+COMPLEX_PARAMS = {"w": jnp.array([1.0, -2.0]),
+                  "layer": {"z": jnp.array([1.0 + 2.0j, 0.5j], jnp.complex64)}}
+ALL_TRANSFORMS = {**TRANSFORMS,
+                  "eigen_sam_ascent": lambda: xsam_optax.eigen_sam_ascent()}
+
+
+def _says_split_the_leaf(message, owner, what):
+  assert message.startswith(f"{owner}: {what}['layer']['z'] is complex64"), (
+      message)
+  assert "real and imaginary parts" in message, message
+  assert "p['re'] + 1j * p['im']" in message, message
+
+
+@pytest.mark.parametrize("name", ALL_TRANSFORMS)
+def test_complex_parameters_are_refused_at_init_naming_the_leaf(name):
+  # Accepted, they gave a complex cosine and eigenvalue and a direction
+  # from unconjugated inner products, without an error.
+  with pytest.raises(ValueError) as info:
+    ALL_TRANSFORMS[name]().init(COMPLEX_PARAMS)
+  owner = "eigen_sam_ascent" if name == "eigen_sam_ascent" else (
+      "eigenvector_correction" if name == "eigenvector_correction"
+      else "sam_ascent")  # the first member of sam() and xsam()
+  _says_split_the_leaf(str(info.value), f"{owner}.init", "params")
+
+
+@pytest.mark.parametrize("name", ALL_TRANSFORMS)
+def test_complex_parameters_or_updates_are_refused_at_update(name):
+  tx = ALL_TRANSFORMS[name]()
+  real = jax.tree.map(jnp.real, COMPLEX_PARAMS)
+  state = tx.init(real)  # a state from real parameters of the same shapes
+  grads = jax.tree.map(jnp.ones_like, real)
+  for params, updates, what in ((COMPLEX_PARAMS, grads, "params"),
+                                (real, COMPLEX_PARAMS, "updates")):
+    with pytest.raises(ValueError) as info:
+      tx.update(updates, state, params, grad_fn=lambda p: grads)
+    assert ".update: " + what + "['layer']['z'] is complex64" in str(
+        info.value), str(info.value)
+
+
+@pytest.mark.parametrize("estimator", [xsam_optax.power_iteration,
+                                       xsam_optax.lanczos])
+def test_estimators_refuse_a_complex_start_vector(estimator):
+  with pytest.raises(ValueError, match=r"v0\['z'\] is complex64"):
+    estimator(_matvec_never_called, {"z": jnp.ones(3, jnp.complex64)},
+              num_iters=2)
+
+
+def test_split_complex_parameters_train_as_the_message_says():
+  # |z - c|^2 with z complex: as two real leaves, X-SAM runs and its
+  # eigenvalue is that of the real 2x2 Hessian, 2 (float64 oracle: the
+  # Hessian of |re + i im - c|^2 is 2 I).
+  c = jnp.array([1.0 - 1.0j, 2.0j], jnp.complex64)
+
+  def loss(p):
+    z = p["re"] + 1j * p["im"]
+    return jnp.sum(jnp.abs(z - c) ** 2)
+
+  params = {"re": jnp.zeros(2), "im": jnp.zeros(2)}
+  grad_fn = jax.grad(loss)
+  tx = xsam_optax.xsam(SGD, update_every=1)
+  _, state = tx.update(grad_fn(params), tx.init(params), params,
+                       grad_fn=grad_fn)
+  eigenvalue = optax.tree.get(state, "eigenvalue")
+  assert eigenvalue.dtype == jnp.float32
+  np.testing.assert_allclose(float(eigenvalue), 2.0, rtol=1e-6)

@@ -13,6 +13,8 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import xsam_optax
+
 import _snippets
 from _snippets import (all_finite, cheap_xsam, classifier_namespace, cross_entropy,
                        leaves_differ, make_data)
@@ -339,6 +341,27 @@ def _():
     # The schedule moves alpha from 0 towards 0.2, by 0.002 a step.
     np.testing.assert_allclose(alphas, [0.0, 0.002], rtol=1e-5, atol=1e-9)
     assert all_finite(state)
+  return setup, check
+
+
+@GUIDE.register(COMPOSING, 7)
+def _():
+  def setup():
+    return dict(z=jnp.array([1.0 + 2.0j, -0.5j], jnp.complex64),
+                target=jnp.array([0.0, 1.0 + 1.0j], jnp.complex64))
+
+  def check(before, ns):
+    # The split parameters are real, X-SAM takes them, and the loss is the
+    # complex one: |z - target|^2 at the original z (NumPy oracle), whose
+    # Hessian in (re, im) is 2 I.
+    params, loss = ns["params"], ns["loss"]
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    want = np.sum(np.abs(np.asarray(before["z"]) - np.asarray(before["target"])) ** 2)
+    np.testing.assert_allclose(float(loss(params)), want, rtol=1e-6)
+    grad_fn = jax.grad(loss)
+    tx = xsam_optax.xsam(optax.sgd(0.1), update_every=1)
+    _, state = tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn)
+    np.testing.assert_allclose(_eigenvalue(state), 2.0, rtol=1e-5)
   return setup, check
 
 

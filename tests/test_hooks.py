@@ -109,19 +109,44 @@ def test_method_names_are_shorthands_for_the_bound_estimators(x64, method,
   chex.assert_trees_all_close(*runs, rtol=1e-12, atol=1e-15)
 
 
-def test_failed_user_estimate_keeps_the_previous_eigenvector(x64):
+FAILURES = {  # what a user's estimator can return that the docs reject
+    "NaN residual": lambda r: r._replace(residual=jnp.asarray(jnp.nan)),
+    "NaN eigenvalue": lambda r: r._replace(eigenvalue=jnp.asarray(jnp.nan)),
+    "inf eigenvalue": lambda r: r._replace(eigenvalue=jnp.asarray(jnp.inf)),
+    "zero vector": lambda r: r._replace(
+        eigenvector=jax.tree.map(jnp.zeros_like, r.eigenvector)),
+    "NaN in the vector": lambda r: r._replace(
+        eigenvector=jax.tree.map(lambda x: x.at[..., 0].set(jnp.nan),
+                                 r.eigenvector)),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES) + [None])
+def test_failed_user_estimate_keeps_the_previous_eigenvector(x64, failure):
+  # Documented: a non-finite eigenvalue or residual, or a zero or
+  # non-finite vector, keeps the previous eigenvector and eigenvalue, and
+  # the residual says "unknown". The control (None) is stored.
   params, loss, batch = mlp_problem()
   grad_fn = jax.grad(lambda p: loss(p, batch))
 
-  def failing(matvec, v0):
+  def estimator(matvec, v0):
     result = shifted_power(matvec, v0)
-    return result._replace(residual=jnp.asarray(jnp.nan))
+    return FAILURES[failure](result) if failure else result
 
-  tx = xsam_optax.eigenvector_correction(0.3, method=failing)
+  tx = xsam_optax.eigenvector_correction(0.3, update_every=1,
+                                         method=estimator)
   state = tx.init(params)
   _, new = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+  if failure is None:
+    want = shifted_power(
+        lambda v: xsam_optax.hvp(grad_fn, params, v), state.eigenvector)
+    np.testing.assert_allclose(flat(new.eigenvector),
+                               flat(want.eigenvector), rtol=1e-12)
+    assert float(new.eigenvalue) == float(want.eigenvalue) != 0.0
+    assert float(new.residual) == float(want.residual) >= 0.0
+    return
   chex.assert_trees_all_equal(new.eigenvector, state.eigenvector)
-  assert float(new.residual) == np.inf
+  assert float(new.residual) == -1.0  # unknown
   assert float(new.eigenvalue) == float(state.eigenvalue)
 
 

@@ -65,6 +65,27 @@ def test_check_incoming_tolerance_is_relative_to_the_gradient(scale):
           in str(info.value)), str(info.value)
 
 
+def test_check_incoming_tolerance_is_the_least_precise_leaf_dtypes():
+  # A bfloat16 leaf beside a float32 one: the incoming gradient may differ
+  # from grad_fn's by bfloat16 rounding (one ulp, 2^-7 relative, here most
+  # of the norm), which the float32 tolerance (sqrt(2^-23) = 3.5e-4) would
+  # reject; the documented tolerance is the widest dtype's, sqrt(2^-7).
+  params = {"w": jnp.array([1.0, -2.0], jnp.bfloat16),
+            "b": jnp.array([0.5, 0.1], jnp.float32)}
+  loss = lambda p: (jnp.sum(p["w"].astype(jnp.float32) ** 4)
+                    + jnp.sum(jnp.cos(3.0 * p["b"])))
+  grad_fn = jax.grad(loss)
+  g = grad_fn(params)
+  tx = xsam_optax.sam_ascent(0.1)
+  state = tx.init(params)
+  check = lambda factor: tx.update(
+      {"w": (g["w"] * factor).astype(jnp.bfloat16), "b": g["b"]}, state,
+      params, grad_fn=grad_fn, check_incoming=True)
+  check(1 + 2.0 ** -7)  # one bfloat16 ulp of the leaf: rounding, passes
+  with pytest.raises(ValueError, match=r"tolerance 0\.088\)"):
+    check(1.25)  # beyond sqrt(2^-7) = 0.088 relative: reported
+
+
 def test_check_incoming_under_a_mapped_axis_compares_with_the_mean_gradient():
   params, loss, batch = mlp_problem(n=16, dtype=jnp.float32)
   shards = jax.tree.map(lambda a: a.reshape((4, -1) + a.shape[1:]), batch)
@@ -235,3 +256,74 @@ def test_train_state_gives_xsam_the_params_collection_and_its_grad_fn():
   np.testing.assert_array_equal(new.params[OWG]["scale"], [7.0])
   for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(opt_state)):
     np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------- the documented defaults, pinned
+
+
+def _power_on_the_square(matvec, v0):
+  """Another estimator, cheap to compile beside power iteration."""
+  return xsam_optax.power_iteration(lambda v: matvec(matvec(v)), v0,
+                                    num_iters=1)
+
+
+# (factory, the documented defaults, another valid value for each, the step
+# counts probed). The counts tell the refresh period: 2 is the one period
+# that refreshes at count 2 and not at 1; 100 the one that refreshes at 100
+# and neither at 50 nor at 20.
+DOCUMENTED_DEFAULTS = {
+    "eigenvector_correction": (
+        xsam_optax.eigenvector_correction,
+        dict(alpha=0.2, update_every=2, num_iters=1, method="power",
+             rule="reference", normalize=True, seed=0),
+        dict(alpha=0.3, update_every=3, num_iters=2,
+             method=_power_on_the_square, rule="sign_invariant",
+             normalize=False, seed=1),
+        (1, 2)),
+    "eigen_sam_ascent": (
+        xsam_optax.eigen_sam_ascent,
+        dict(rho=0.05, alpha=0.2, update_every=100, num_iters=5,
+             method="power", seed=0),
+        dict(rho=0.1, alpha=0.3, update_every=50, num_iters=4,
+             method=_power_on_the_square, seed=1),
+        (1, 20, 50, 100)),
+}
+
+
+def _probe(tx, counts):
+  """``tx``'s state from ``init`` and its update at each step count, flat.
+
+  The incoming gradient leans against the stored eigenvector (a negative
+  cosine, where the rules differ) and is not of unit length (where
+  ``normalize`` shows)."""
+  params = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array([0.3, -0.1])}
+  grad_fn = jax.grad(lambda p: jnp.sum(p["w"] ** 4)
+                     + jnp.sum(jnp.cos(3.0 * p["b"])) + p["w"][0] * p["b"][0])
+  state = tx.init(params)
+  g = jax.tree.map(lambda v, d: 0.3 * d - 2.0 * v, state.eigenvector,
+                   grad_fn(params))
+  # Eager: the operations compile once for all the probed transforms; a
+  # jitted step would compile once for each.
+  step = lambda s: tx.update(g, s, params, grad_fn=grad_fn)
+  return np.concatenate([flat(state)] + [
+      flat(step(state._replace(count=jnp.asarray(c, jnp.int32))))
+      for c in counts])
+
+
+@pytest.mark.parametrize("name", list(DOCUMENTED_DEFAULTS))
+def test_defaults_are_the_documented_ones(name):
+  # Only xsam's defaults were pinned (by the CLI's); a changed default of a
+  # piece would change what every user of it computes.
+  factory, documented, others, counts = DOCUMENTED_DEFAULTS[name]
+  want = _probe(factory(**documented), counts)
+  np.testing.assert_array_equal(_probe(factory(), counts), want)
+  for key, other in others.items():  # the probe sees every one of them
+    assert not np.allclose(_probe(factory(**{**documented, key: other}),
+                                  counts), want), key
+
+
+def test_refresh_due_defaults_to_the_transforms_period():
+  # Documented: update_every=2, the transforms' default. 2 is the one
+  # period due at step 2 and not at step 1.
+  assert [xsam_optax.refresh_due(step) for step in range(5)] == [
+      True, False, True, False, True]

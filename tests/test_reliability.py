@@ -142,6 +142,58 @@ def test_integer_leaves_pass_through_and_the_float_leaves_get_their_own_update(
     assert_leaves_close(state, want_state)
 
 
+def _outputs(p):
+  """Outputs whose loss below is ``loss``: a Gauss-Newton split of it."""
+  scale = 1.0 + 0.0 * p.get("step", 0)  # reads the counter, if there is one
+  return jnp.concatenate([p["w"] ** 2, jnp.cos(3.0 * p["b"])]) * scale
+
+
+def _output_loss(z):
+  return jnp.sum(z[:2] ** 2) + jnp.sum(z[2:])
+
+
+CURVATURES = {
+    "hessian_fn": lambda grad_fn: xsam_optax.hessian_fn(grad_fn),
+    "gauss_newton_fn": lambda grad_fn: xsam_optax.gauss_newton_fn(
+        _outputs, _output_loss),
+}
+
+
+@pytest.mark.parametrize("name", CURVATURES)
+def test_integer_leaves_with_exact_curvature_products(name):
+  # Exact products differentiate through every leaf: jax.jvp needs a float0
+  # tangent at an integer leaf. Oracle: the tree without its integer leaves.
+  np.testing.assert_allclose(float(_output_loss(_outputs(PARAMS))),
+                             float(loss(PARAMS["w"], PARAMS["b"])), rtol=1e-6)
+  make = lambda: optax.chain(
+      xsam_optax.sam_ascent(RHO),
+      xsam_optax.eigenvector_correction(ALPHA, update_every=1, num_iters=3))
+  updates, state = run(make(), with_counter(PARAMS), COUNTER_GRAD_FN,
+                       curvature_fn=CURVATURES[name](COUNTER_GRAD_FN))
+  want, want_state = run(make(), PARAMS, GRAD_FN,
+                         curvature_fn=CURVATURES[name](GRAD_FN))
+  assert updates["step"].dtype == jax.dtypes.float0
+  assert_leaves_close({k: updates[k] for k in PARAMS}, want)
+  assert_leaves_close(state, want_state)
+  assert float(optax.tree.get(state, "eigenvalue")) > 1.0  # a real refresh
+
+
+@pytest.mark.parametrize("name", ["sam", "xsam", "eigen_sam_ascent"])
+def test_grad_fn_of_another_structure_with_integer_leaves_names_both(name):
+  params = with_counter(PARAMS)
+  tx = ASCENTS[name]()
+  floats_only = lambda p: {k: v for k, v in COUNTER_GRAD_FN(p).items()
+                           if k in PARAMS}  # drops the integer leaves
+  with pytest.raises(ValueError) as info:
+    tx.update(COUNTER_GRAD_FN(params), tx.init(params), params,
+              grad_fn=floats_only)
+  message = str(info.value)
+  assert "grad_fn returned a pytree whose structure differs from params" in (
+      message), message
+  assert str(jax.tree.structure(params)) in message, message
+  assert str(jax.tree.structure(floats_only(params))) in message, message
+
+
 def test_integer_leaves_with_zero_gradients_train_as_with_plain_optax():
   # Plain optax accepts a zero gradient of the leaf's own dtype; so must
   # xsam(...), leaving the counter where it was.
@@ -170,6 +222,37 @@ def test_integer_leaves_with_zero_gradients_train_as_with_plain_optax():
   assert int(trained["step"]) == 7 and bool(trained["frozen"]) is True
   assert trained["step"].dtype == jnp.int32
   assert_leaves_close({k: trained[k] for k in PARAMS}, train(PARAMS, GRAD_FN))
+
+
+def _train_three_steps(tx, params, grad_fn):
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(grad_fn(params), state, params,
+                               grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(3):
+    params, state = step(params, state)
+  return params
+
+
+@pytest.mark.parametrize("name", ["sam", "xsam"])
+def test_float0_gradients_train_through_sam_and_xsam(name):
+  # jax.grad(..., allow_int=True) gives the counter a float0 gradient,
+  # which optax's SGD cannot compute with (it failed inside optax). The base
+  # decays weights and keeps momentum; the counter must not move. Oracle:
+  # the same tree without its integer leaves.
+  base = lambda: optax.chain(optax.add_decayed_weights(0.01),
+                             optax.sgd(LR, momentum=0.9))
+  make = {"sam": lambda: xsam_optax.sam(base(), rho=RHO),
+          "xsam": lambda: xsam_optax.xsam(base(), rho=RHO, alpha=ALPHA)}[name]
+  trained = _train_three_steps(make(), with_counter(PARAMS), COUNTER_GRAD_FN)
+  assert int(trained["step"]) == 7 and trained["step"].dtype == jnp.int32
+  assert bool(trained["frozen"]) is True and trained["frozen"].dtype == bool
+  assert_leaves_close({k: trained[k] for k in PARAMS},
+                      _train_three_steps(make(), PARAMS, GRAD_FN))
 
 
 # ------------------------------------------------- 3. a user's estimator

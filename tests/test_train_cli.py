@@ -332,8 +332,25 @@ def test_xsam_defaults_are_the_librarys():
     (["--rule", "sign-invariant"], "--rule"),
     (["--out", "/proc/no/such/folder"], "--out '/proc/no/such/folder' cannot be created"),
     (["--train-size", "10", "--batch-size", "64"], "--train-size"),
+    # Larger than the training split (digits has 1347 examples), with or
+    # without --train-size: an epoch would have no step.
+    (["--dataset", "digits", "--batch-size", "2000"],
+     "--batch-size must be <= the 1347 training examples of digits, got 2000"),
+    (["--dataset", "digits", "--train-size", "3000", "--batch-size", "1500"],
+     "--batch-size must be <= the 1347 training examples of digits "
+     "(--train-size 3000), got 1500"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
+    (["--rho", "inf"], "--rho must be a finite number >= 0"),
+    (["--seed", str(2 ** 63)], "--seed must be in [0, 2**63)"),
 ])
-def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys):
+def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys,
+                                              monkeypatch):
+  def compiled(*args, **kwargs):
+    raise AssertionError("a bad flag must be reported before compiling")
+
+  monkeypatch.setattr(loop, "init_variables", compiled)
   with pytest.raises(SystemExit) as exit_info:
     cli.main(argv)
   assert exit_info.value.code != 0
@@ -356,3 +373,153 @@ def test_bad_flag_from_the_shell():
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 2
   assert proc.stderr.strip().count("\n") == 0 and "--rho" in proc.stderr
+
+
+# ------------------------------------------------------------------- Ctrl-C
+
+
+TINY = ["--dataset", "digits", "--model", "mlp", "--train-size", "64", "--batch-size", "32",
+        "--epochs", "1", "--eig-iters", "2", "--eval-batch-size", "32", "--update-every", "1",
+        "--no-progress"]
+
+
+def test_ctrl_c_ends_with_130_and_writes_what_finished(tmp_path):
+  """SIGINT to the shell command once sgd has finished: status 130, one line on
+  stderr and no traceback, and the metrics and curves of sgd in a folder --out
+  created (it did not exist)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "new" / "folder"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "xsam_optax.train.cli", *TINY, "--out", str(out)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    finished = []
+    for line in proc.stdout:  # The line that says sgd has finished.
+      if line.startswith("sgd: finished"):
+        finished.append(line)
+        proc.send_signal(signal.SIGINT)
+        break
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert finished, err
+  assert proc.returncode == 130, err
+  assert "Traceback" not in err, err
+  assert err.count("\n") == 1 and err.startswith("xsam-train: interrupted; wrote "), err
+  with open(out / "metrics.json", encoding="utf-8") as f:
+    metrics = json.load(f)
+  assert "sgd" in metrics["runs"] and "xsam" not in metrics["runs"]
+  assert metrics["interrupted"]["finished"] == list(metrics["runs"])
+  assert "xsam" in metrics["interrupted"]["not_finished"]
+  with open(out / "curves.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ctrl_c_before_any_optimizer_finished_writes_nothing(tmp_path, monkeypatch,
+                                                             capsys):
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(loop, "init_variables", interrupted)  # while compiling
+  assert cli.main([*TINY, "--out", str(tmp_path)]) == 130
+  err = capsys.readouterr().err
+  assert err == ("xsam-train: interrupted before any optimizer finished; "
+                 "nothing written\n")
+  assert not os.listdir(tmp_path)
+
+
+def test_out_creates_a_folder_that_does_not_exist(tmp_path):
+  out = tmp_path / "a" / "b"
+  cli.parse_args(["--out", str(out)])
+  assert out.is_dir()
+
+
+@pytest.mark.parametrize("name, curvature, message", [
+    ("adam", "hessian",
+     "optimizer must be one of ('sgd', 'sam', 'xsam', 'eigensam'), got 'adam'"),
+    ("xsam", "fisher",
+     "curvature must be one of ('hessian', 'gauss-newton'), got 'fisher'"),
+    ("sgd", "fisher",  # checked for every optimizer, used or not
+     "curvature must be one of ('hessian', 'gauss-newton'), got 'fisher'"),
+], ids=["optimizer", "curvature", "curvature of sgd"])
+def test_make_optimizer_names_an_unknown_optimizer_or_curvature(name, curvature,
+                                                                message):
+  with pytest.raises(ValueError) as info:
+    optimizers.make_optimizer(name, learning_rate=0.1, curvature=curvature)
+  assert str(info.value) == message
+
+
+def _trained_optimizers(monkeypatch, tmp_path, *flags):
+  """The optimizers the CLI's comparison hands to the training loop, per name."""
+  captured = {}
+
+  def run_training(model, optimizer, dataset, **kwargs):
+    del model, dataset, kwargs
+    captured[optimizer.tx] = optimizer
+    curve = [0.5]
+    return None, loop.RunResult(curve, curve, curve, curve, curve, None, None,
+                                [1.0, 1.0], 0.0)
+
+  monkeypatch.setattr(loop, "run_training", run_training)
+  args = cli.parse_args(["--optimizer", "xsam", "--out", str(tmp_path), *flags])
+  protocol = loop.make_protocol("digits", "mlp", batch_size=16, epochs=1, lr=0.1,
+                                eval_batch_size=16, train_size=32)
+  runs = {}
+  cli._train_all(args, protocol, None, None, None, runs)  # pylint: disable=protected-access
+  assert list(runs) == ["xsam"]
+  (optimizer,) = captured.values()
+  return optimizer
+
+
+def _anti_aligned_update(tx):
+  """``tx``'s update, no refresh, with the stored eigenvector at -g/||g||:
+  the cosine is negative, where the rules differ (|c| against c)."""
+  params = {"w": jnp.array([0.5, -1.0, 2.0]), "b": jnp.array([0.3])}
+  grad_fn = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"]) ** 2) * p["b"][0])
+  g = grad_fn(params)
+  state = tx.init(params)
+  norm = optax.tree.norm(g)
+  v = jax.tree.map(lambda x: -x / norm, g)
+  state = (state[0], state[1]._replace(eigenvector=v), *state[2:])
+  # Jitted: eagerly each operation would compile on its own.
+  return jax.jit(lambda s: tx.update(g, s, params, grad_fn=grad_fn,
+                                     refresh=False)[0])(state)
+
+
+def test_cli_trains_xsam_with_the_rule_its_flag_names(monkeypatch, tmp_path):
+  """--rule reaches the transform the loop trains (not only the recorded config):
+  its update is the one of make_optimizer(rule=...), not the default's."""
+  optimizer = _trained_optimizers(monkeypatch, tmp_path, "--rule", "sign_invariant")
+  got = _anti_aligned_update(optimizer.tx)
+  build = lambda rule: optimizers.make_optimizer("xsam", learning_rate=0.1, rule=rule).tx
+  chex.assert_trees_all_close(got, _anti_aligned_update(build("sign_invariant")),
+                              rtol=1e-6)
+  difference = jax.tree.map(lambda a, b: jnp.abs(a - b).max(), got,
+                            _anti_aligned_update(build("reference")))
+  assert max(jax.tree.leaves(difference)) > 1e-3
+
+
+def test_cli_refreshes_with_the_curvature_its_flag_names(monkeypatch, tmp_path):
+  """--curvature gauss-newton reaches the step the loop compiles: a refresh by
+  the optimizer the CLI built moves the eigenvector otherwise than a Hessian
+  refresh (that a Gauss-Newton step refreshes as by hand is
+  test_gauss_newton_curvature_reaches_the_refresh)."""
+  optimizer = _trained_optimizers(monkeypatch, tmp_path, "--curvature", "gauss-newton")
+  assert optimizer.curvature == "gauss-newton"
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)), jnp.float32)
+  y = jnp.arange(8) % 3
+  model = models.make_model("mlp", num_classes=3)
+
+  # The same transform refreshing with Hessian products: one initial state.
+  hessian = optimizer._replace(curvature="hessian")
+  state = loop.init_state(model, optimizer.tx, x, seed=0)
+
+  def refreshed(opt):
+    step = jax.jit(loop.make_train_step(model, opt.tx, curvature=opt.curvature),
+                   static_argnames="refresh")
+    return optax.tree.get(step(state, x, y, refresh=True)[0].opt_state, "eigenvector")
+
+  difference = jax.tree.map(lambda a, b: jnp.abs(a - b).max(), refreshed(optimizer),
+                            refreshed(hessian))
+  assert max(jax.tree.leaves(difference)) > 1e-3

@@ -136,12 +136,12 @@ def test_stored_eigenvector_matches_dense_top_eigenvector(x64, method):
                                   xsam_optax.eigen_sam_ascent])
 def test_fresh_state_says_nothing_is_estimated_yet(make):
   """As the state's docs say: before the first refresh the eigenvalue is 0, the
-  residual inf ("unknown", not "converged"), the eigenvector a unit vector."""
+  residual -1 ("unknown", not "converged"), the eigenvector a unit vector."""
   params, _, _ = mlp_problem(dtype=jnp.float32)
   state = make().init(params)
   assert int(state.count) == 0
   assert float(state.eigenvalue) == 0.0 and float(state.cos_angle) == 0.0
-  assert float(state.residual) == np.inf
+  assert float(state.residual) == -1.0
   np.testing.assert_allclose(np.linalg.norm(flat(state.eigenvector)), 1.0,
                              rtol=1e-6)
   chex.assert_trees_all_equal_shapes_and_dtypes(state.eigenvector, params)

@@ -6,6 +6,7 @@ import jax
 import optax
 
 from xsam_optax import _correction
+from xsam_optax import _float_leaves
 from xsam_optax import _sam
 from xsam_optax import _tracking
 from xsam_optax import _tree
@@ -21,6 +22,10 @@ def sam(
     batch_axis_name: _tree.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SAM: ``optax.chain(sam_ascent(rho, ...), optimizer)``.
+
+  Integer leaves of the parameters (a step counter) are left alone, as in
+  :func:`xsam`: their update is a zero of their dtype, whatever their
+  gradient (``float0`` from ``jax.grad(..., allow_int=True)`` included).
 
   The ascent replaces the gradient by one computed with ``grad_fn``: clip or
   decay inside ``optimizer`` (``sam(optax.chain(optax.clip_by_global_norm(1.0),
@@ -43,7 +48,7 @@ def sam(
   _validation.check_transformation("optimizer", optimizer)
   return optax.chain(
       _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),
-      optimizer,
+      _float_leaves.zero_integer_updates(optimizer),
   )
 
 
@@ -64,7 +69,8 @@ def xsam(
   """X-SAM: SAM ascent, eigenvector correction, then ``optimizer``.
 
   Exactly ``optax.chain(sam_ascent(rho, ...), eigenvector_correction(alpha,
-  ...), optimizer)``; see those two for the maths and the options.
+  ...), optimizer)`` when every parameter leaf is a float (integer leaves:
+  see *Composing*); see those two for the maths and the options.
   Diagnostics are read from the state by name:
   ``optax.tree.get(state, "eigenvalue")``, ``"cos_angle"``, ``"eigenvector"``.
   The defaults take one power step every 2 steps (the reference's schedule
@@ -86,10 +92,12 @@ def xsam(
   ``optax.MultiSteps``. With Flax Linen use
   :class:`xsam_optax.flax_utils.TrainState`, whose ``apply_gradients``
   forwards ``grad_fn``. Integer and boolean leaves of the parameters (a step
-  counter) are left alone: their incoming updates pass through unchanged
-  (``float0`` from ``jax.grad(..., allow_int=True)`` or zeros), and the
-  perturbation, the eigenvector, the norms and the correction use the float
-  leaves only.
+  counter) are left alone: the perturbation, the eigenvector, the norms and
+  the correction use the float leaves only, ``optimizer`` gets a zero of the
+  leaf's dtype for its gradient (``float0`` from ``jax.grad(...,
+  allow_int=True)`` included), and the leaf's update is a zero of its dtype,
+  so ``optax.apply_updates`` leaves it as it was. Complex leaves are refused with a ``ValueError`` that
+  names the leaf: keep their real and imaginary parts as two real leaves.
 
   Args:
     optimizer: the base optimizer (the paper: SGD with momentum 0.9).
@@ -141,5 +149,5 @@ def xsam(
           seed=seed,
           batch_axis_name=batch_axis_name,
       ),
-      optimizer,
+      _float_leaves.zero_integer_updates(optimizer),
   )

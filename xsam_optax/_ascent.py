@@ -123,9 +123,10 @@ def verify_incoming(updates: _tree.PyTree, params: _tree.PyTree,
   Eagerly the ``ValueError`` is raised here; in a traced step (``jax.jit``,
   ``lax.cond`` inside ``optax.MultiSteps``) it is raised on the host by a
   ``jax.debug.callback`` when the step runs, and arrives wrapped in JAX's
-  runtime error. The tolerance is the square root of the incoming dtype's
-  machine epsilon, relative to ``||grad_fn(params)||``: rounding passes,
-  a clip or a weight decay does not.
+  runtime error. The tolerance is the square root of the machine epsilon of
+  the least precise float dtype among the incoming leaves (bfloat16's in a
+  bfloat16 / float32 tree), relative to ``||grad_fn(params)||``: rounding
+  passes, a clip or a weight decay does not.
   """
   expected = _tree.batch_mean(call_grad_fn(grad_fn, params, owner=owner),
                               batch_axis_name)
@@ -142,8 +143,8 @@ def verify_incoming(updates: _tree.PyTree, params: _tree.PyTree,
     return jnp.asarray(u, acc) - jnp.asarray(g, acc)
 
   difference = jax.tree.map(leaf_difference, updates, expected)
-  difference = jnp.sqrt(_tree.vdot(difference, difference))
-  reference = jnp.sqrt(_tree.vdot(expected, expected))
+  difference = _tree.global_norm(difference)
+  reference = _tree.global_norm(expected)
   try:
     _raise_if_differ(owner, difference, reference, tolerance)
   except jax.errors.ConcretizationTypeError:

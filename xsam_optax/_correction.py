@@ -127,6 +127,12 @@ def eigenvector_correction(
   its eigenvector is normalised before it is stored. The Performance page of
   the manual (docs/performance.md) compares the estimators' cost and quality.
 
+  **Real parameters.** Complex leaves in ``params`` are refused (a
+  ``ValueError`` naming the leaf, in ``init`` and ``update``): the cosine and
+  the eigenvalue are those of a real vector space. Keep the real and
+  imaginary parts as two real leaves and rebuild the complex value in the
+  loss. Integer leaves are left alone (see :func:`xsam`).
+
   **alpha set at run time.** An ``alpha`` array (``optax.inject_hyperparams``)
   is not checked; a NaN or infinite one, like a callable ``rule``'s
   non-finite coefficient, removes nothing: the update is :math:`\hat g`
@@ -216,4 +222,5 @@ def eigenvector_correction(
     return corrected, _tracking.next_state(state, estimate, cos)
 
   return _float_leaves.on_float_leaves(
-      optax.GradientTransformationExtraArgs(init_fn, update_fn))
+      optax.GradientTransformationExtraArgs(init_fn, update_fn),
+      owner="eigenvector_correction")

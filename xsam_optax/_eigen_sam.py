@@ -43,7 +43,8 @@ def eigen_sam_ascent(
   a gradient that is not finite at the SAM point becomes zeros. ``rho`` and
   ``alpha`` given as arrays (``optax.inject_hyperparams``) are not checked;
   a NaN or infinite one acts as 0 (``alpha``: plain SAM; ``rho``: the
-  gradient at ``params``).
+  gradient at ``params``). Complex leaves in ``params`` are refused, as in
+  :func:`eigenvector_correction`.
 
   Args:
     rho: radius of the neighbourhood (``>= 0``).
@@ -109,7 +110,9 @@ def eigen_sam_ascent(
     perpendicular = _tree.add_scaled(eigenvector, -cos, unit)
     direction = _tree.add_scaled(unit, alpha_now * jnp.sign(cos),
                                   perpendicular)
-    direction, _ = _tree.safe_normalize(direction)
+    # A sum of unit vectors, entries at most 1 + 2 alpha: no scaling needed
+    # (and none paid for) before its squares.
+    direction, _ = _tree.safe_normalize(direction, scale=1.0)
     adv_grads = _ascent.sam_gradient(
         grad_fn, _tree.add_scaled(params, rho_now, direction), params,
         batch_axis_name, owner="eigen_sam_ascent")
@@ -117,4 +120,5 @@ def eigen_sam_ascent(
         state, (eigenvector, eigenvalue, residual), cos)
 
   return _float_leaves.on_float_leaves(
-      optax.GradientTransformationExtraArgs(init_fn, update_fn))
+      optax.GradientTransformationExtraArgs(init_fn, update_fn),
+      owner="eigen_sam_ascent")

@@ -68,6 +68,16 @@ def _fixed_loop(num_iters: int, body, init, unroll: bool):
   return carry
 
 
+def _or_inf(ok: jax.Array, x: jax.Array) -> jax.Array:
+  """``x`` where ``ok``, ``inf`` elsewhere; no ``inf`` computed where ``ok``.
+
+  Not ``jnp.where(ok, x, jnp.inf)``: that materialises an ``inf`` constant
+  on every call, which ``jax_debug_infs`` (and ``jax_debug_nans``' op by op
+  rerun, which looks for the first bad value) reports in a healthy run.
+  """
+  return jnp.where(ok, x, 1 / jnp.where(ok, 1, 0).astype(x.dtype))
+
+
 def _resolve_unroll(unroll: Optional[bool], num_iters: int) -> bool:
   if unroll is None:
     return num_iters <= UNROLL_UP_TO
@@ -109,7 +119,8 @@ def power_iteration(
   Args:
     matvec: a symmetric linear map from pytrees like ``v0`` to pytrees like
       ``v0``.
-    v0: start vector (any nonzero pytree; normalised here).
+    v0: start vector (any nonzero real pytree; normalised here; complex
+      leaves raise a ``ValueError``: the inner products do not conjugate).
     num_iters: number of products with ``matvec`` (static, ``>= 1``).
     tol: if set, stop early once the relative residual
       :math:`\|Av - \lambda v\| / |\lambda|` is at most ``tol``; the loop is
@@ -133,6 +144,7 @@ def power_iteration(
     Golub and Van Loan, *Matrix Computations*, 4th ed., section 7.3.1.
   """
   _validation.check_int("num_iters", num_iters, minimum=1)
+  _validation.reject_complex(v0, what="v0", owner="power_iteration")
   if tol is not None:
     _validation.check_float("tol", tol, minimum=0.0)
   return power_iteration_from_unit(matvec, _unit_start(v0),
@@ -153,13 +165,20 @@ def power_iteration_from_unit(matvec, v0: _tree.PyTree, *, num_iters: int,
   def step(carry):
     count, v, _, _, _ = carry
     w = matvec(v)
+    # The product scaled by a power of two (exactly) to a largest entry
+    # near 1, once: its norm, the residual's (no larger than a few times
+    # ||w||) and the Rayleigh quotient then neither overflow nor flush to
+    # zero at any scale of the curvature.
+    scale = _tree.unit_scale(w)
+    w = jax.tree.map(lambda x: (x * scale).astype(x.dtype), w)
     eigenvalue = _tree.vdot(v, w).astype(scalar)
-    residual = _tree.global_norm(_tree.add_scaled(w, -eigenvalue, v))
-    next_v, w_norm = _tree.safe_normalize(w)
+    residual = _tree.global_norm(_tree.add_scaled(w, -eigenvalue, v),
+                                 scale=1.0)
+    next_v, w_norm = _tree.safe_normalize(w, scale=1.0)
     ok = _tree.is_usable(w_norm) & jnp.isfinite(eigenvalue)
     next_v = optax.tree.where(ok, next_v, v)
-    eigenvalue = jnp.where(jnp.isfinite(eigenvalue), eigenvalue, 0.0)
-    residual = jnp.where(jnp.isfinite(residual), residual, jnp.inf)
+    eigenvalue = jnp.where(jnp.isfinite(eigenvalue), eigenvalue / scale, 0.0)
+    residual = _or_inf(jnp.isfinite(residual), residual / scale)
     converged = (
         residual <= tol * jnp.abs(eigenvalue) if tol is not None else False
     )
@@ -169,7 +188,8 @@ def power_iteration_from_unit(matvec, v0: _tree.PyTree, *, num_iters: int,
       jnp.zeros((), jnp.int32),
       v0,
       jnp.zeros((), scalar),
-      jnp.full((), jnp.inf, scalar),
+      # Never returned: the loop runs at least once.
+      jnp.zeros((), scalar),
       jnp.zeros((), bool),
   )
   if tol is None:
@@ -218,7 +238,8 @@ def lanczos(
   Args:
     matvec: a symmetric linear map from pytrees like ``v0`` to pytrees like
       ``v0``.
-    v0: start vector (any nonzero pytree; normalised here).
+    v0: start vector (any nonzero real pytree; normalised here; complex
+      leaves raise a ``ValueError``: the inner products do not conjugate).
     num_iters: Krylov dimension, i.e. number of products (static, ``>= k``).
     k: how many of the largest eigenpairs to return.
     reorthogonalize: full reorthogonalisation (recommended).
@@ -245,6 +266,7 @@ def lanczos(
   _validation.check_int("k", k, minimum=1, maximum=num_iters,
                         maximum_name="num_iters")
   _validation.check_bool("reorthogonalize", reorthogonalize)
+  _validation.reject_complex(v0, what="v0", owner="lanczos")
   return lanczos_from_unit(matvec, _unit_start(v0), num_iters=num_iters, k=k,
                            reorthogonalize=reorthogonalize, unroll=unroll)
 
@@ -265,8 +287,7 @@ def lanczos_from_unit(matvec, v0: _tree.PyTree, *, num_iters: int, k: int = 1,
   combine = _tree.list_combination if unroll else _tree.stacked_combination
   vectors = combine(coeffs.T, basis)  # leaves (k, ...)
   vectors, norms = jax.vmap(_tree.safe_normalize)(vectors)
-  residuals = jnp.where(_tree.is_usable(norms), residuals,
-                        jnp.inf).astype(residuals.dtype)
+  residuals = _or_inf(_tree.is_usable(norms), residuals)
   num_matvecs = jnp.asarray(num_iters, jnp.int32)
   if k == 1:
     vectors = jax.tree.map(lambda x: x[0], vectors)
@@ -346,25 +367,36 @@ def _ritz_pairs(alphas: jax.Array, betas: jax.Array, live: jax.Array,
   that only the steps that did not run would span)."""
   m = alphas.shape[0]
   scalar = alphas.dtype
+  # Decomposed at a largest entry near 1 (an exact power-of-two scaling): an
+  # eigensolver squares entries, which at a curvature of 1e20 or 1e-20
+  # overflow or flush to zero in float32. Rows of steps that did not run
+  # are zero.
+  scale = _tree.power_of_two_scale(
+      jnp.max(jnp.abs(jnp.concatenate([alphas, betas]))))
   # Couplings to steps that did not run are dropped; the last live beta stays
   # for the residual. Dead steps get a diagonal below every live Ritz value
   # (Gershgorin bound), so they sort last.
   live_next = jnp.concatenate([live[1:], jnp.zeros((1,), bool)])
-  couplings = jnp.where(live_next, betas, 0.0)[:-1]
+  couplings = jnp.where(live_next, betas * scale, 0.0)[:-1]
+  scaled_alphas = alphas * scale
   radius = jnp.abs(jnp.concatenate([couplings, jnp.zeros((1,), scalar)]))
   radius = radius + jnp.abs(jnp.concatenate([jnp.zeros((1,), scalar),
                                              couplings]))
-  floor = jnp.min(jnp.where(live, alphas - radius, jnp.inf)) - 1.0
+  # The largest finite number, not inf, where no step ran: an inf never
+  # appears in a healthy step (jax_debug_infs).
+  floor = jnp.min(jnp.where(live, scaled_alphas - radius,
+                            jnp.finfo(scalar).max)) - 1.0
   floor = jnp.where(jnp.any(live), floor, 0.0)
-  diagonal = jnp.where(live, alphas, floor)
+  diagonal = jnp.where(live, scaled_alphas, floor)
   tridiagonal = (jnp.diag(diagonal) + jnp.diag(couplings, 1)
                  + jnp.diag(couplings, -1))
   ritz_values, ritz_coeffs = jnp.linalg.eigh(tridiagonal)
+  ritz_values = ritz_values / scale
   top = jnp.arange(m - 1, m - 1 - k, -1)
   values = ritz_values[top]
   coeffs = ritz_coeffs[:, top]  # (m, k)
   last = jnp.sum(live) - 1
   residuals = jnp.abs(betas[last] * coeffs[last])
   is_real = live[jnp.argmax(jnp.abs(coeffs), axis=0)]
-  residuals = jnp.where(is_real, residuals, jnp.inf)
+  residuals = _or_inf(is_real, residuals)
   return values, coeffs, residuals

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from xsam_optax import _tree
+from xsam_optax import _validation
 
 
 def _all_float(params: _tree.PyTree) -> bool:
@@ -77,9 +78,13 @@ class _Split:
 
 
 def on_float_leaves(
-    tx: optax.GradientTransformationExtraArgs,
+    tx: optax.GradientTransformationExtraArgs, *, owner: str,
 ) -> optax.GradientTransformationExtraArgs:
   """``tx`` run on the float leaves of the parameters; other leaves untouched.
+
+  Complex leaves in ``params`` (or ``updates``) raise a ``ValueError`` that
+  names the leaf and ``owner``, the transform's name, in ``init`` and in
+  ``update``: the transforms compute in a real vector space.
 
   When every leaf of ``params`` is a float (the usual case) ``tx`` runs as
   it is. Otherwise ``init`` gets the float part of ``params`` (the state's
@@ -91,12 +96,16 @@ def on_float_leaves(
   """
 
   def init_fn(params):
+    _validation.reject_complex(params, what="params", owner=f"{owner}.init")
     arrays = _tree.as_arrays(params)
     if _all_float(arrays):
       return tx.init(params)
     return tx.init(_Split(arrays).part(arrays))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    _validation.reject_complex(params, what="params", owner=f"{owner}.update")
+    _validation.reject_complex(updates, what="updates",
+                               owner=f"{owner}.update")
     if params is None or not callable(grad_fn):
       # Missing arguments: the transform raises its own error.
       return tx.update(updates, state, params, grad_fn=grad_fn, **extra_args)
@@ -112,3 +121,35 @@ def on_float_leaves(
     return split.whole(new, updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def zero_integer_updates(
+    optimizer: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  """The base ``optimizer``, with a zero update for every integer leaf.
+
+  What :func:`sam` and :func:`xsam` put after the ascent. An integer leaf's
+  incoming update is ``float0`` (``jax.grad(..., allow_int=True)``), which
+  optax's optimizers cannot compute with: the base gets a zero of the leaf's
+  dtype instead, as plain optax would be given, so its state is the one it
+  keeps for such a leaf. The leaf's outgoing update is a zero of its dtype
+  too, whatever the base made of it, so ``optax.apply_updates`` leaves a
+  step counter where it was. When every leaf is a float, ``optimizer`` runs
+  as it is.
+  """
+  optimizer = optax.with_extra_args_support(optimizer)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:  # The ascent before it has raised already.
+      return optimizer.update(updates, state, params, **extra_args)
+    arrays = _tree.as_arrays(params)
+    if _all_float(arrays):
+      return optimizer.update(updates, state, params, **extra_args)
+    split = _Split(arrays)
+    zeros = jax.tree.map(
+        lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), arrays)
+    new, state = optimizer.update(split.whole(split.part(updates), zeros),
+                                  state, params, **extra_args)
+    return split.whole(split.part(new), zeros), state
+
+  return optax.GradientTransformationExtraArgs(optimizer.init, update_fn)

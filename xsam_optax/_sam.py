@@ -57,7 +57,10 @@ def sam_ascent(
 
   **Integer leaves** of ``params`` (a step counter) are no direction of the
   loss: their incoming updates pass through unchanged, and the perturbation
-  and its norm use the float leaves.
+  and its norm use the float leaves. **Complex leaves** are refused (a
+  ``ValueError`` naming the leaf, in ``init`` and ``update``): keep the real
+  and imaginary parts as two real leaves and rebuild the complex value in
+  the loss.
 
   **rho set at run time.** A ``rho`` array (``optax.inject_hyperparams``,
   or a value changed in its state while training) is not checked; a NaN or
@@ -109,4 +112,5 @@ def sam_ascent(
                                 owner="sam_ascent"), state
 
   return _float_leaves.on_float_leaves(
-      optax.GradientTransformationExtraArgs(init_fn, update_fn))
+      optax.GradientTransformationExtraArgs(init_fn, update_fn),
+      owner="sam_ascent")

@@ -131,6 +131,11 @@ def refresh_due(step: int, update_every: int = 2) -> bool:
   return int(step) % update_every == 0
 
 
+# The state's residual when there is none: negative, as no norm is, and
+# finite, so that jax_debug_infs can watch a healthy run from init on.
+UNKNOWN_RESIDUAL = -1.0
+
+
 class EigenvectorState(NamedTuple):
   """State of :func:`eigenvector_correction` and :func:`eigen_sam_ascent`.
 
@@ -148,8 +153,10 @@ class EigenvectorState(NamedTuple):
       only once the iteration has converged. With a callable ``method``, the
       ``eigenvalue`` of its :class:`EigenResult`.
     residual: :math:`\\|Hu - \\lambda u\\|` for that same vector (the Ritz
-      residual for Lanczos) at the last refresh (``inf`` before the first or
-      when unknown).
+      residual for Lanczos) at the last refresh; ``-1`` (any negative value)
+      when unknown: before the first refresh, and after a refresh that failed
+      and kept the previous eigenvector. Not ``inf``, which would stop a run
+      under ``jax_debug_infs`` at ``init``.
     cos_angle: the signed cosine between the incoming gradient and
       ``eigenvector`` at the last step (its sign is the one the reference rule
       discards).
@@ -158,7 +165,7 @@ class EigenvectorState(NamedTuple):
     >>> import jax.numpy as jnp, xsam_optax
     >>> state = xsam_optax.eigenvector_correction().init({"w": jnp.ones(3)})
     >>> type(state).__name__, int(state.count), float(state.residual)
-    ('EigenvectorState', 0, inf)
+    ('EigenvectorState', 0, -1.0)
   """
 
   count: jax.Array
@@ -183,7 +190,7 @@ def initial_state(params: _tree.PyTree, seed: int) -> EigenvectorState:
       count=jnp.zeros((), jnp.int32),
       eigenvector=_tree.random_unit_like(draw, params),
       eigenvalue=jnp.zeros((), scalar),
-      residual=jnp.full((), jnp.inf, scalar),
+      residual=jnp.full((), UNKNOWN_RESIDUAL, scalar),
       cos_angle=jnp.zeros((), scalar),
   )
 
@@ -276,7 +283,7 @@ def refreshed(state, product, settings: RefreshSettings):
   return (
       optax.tree.where(ok, vector, state.eigenvector),
       jnp.where(ok, value, state.eigenvalue).astype(state.eigenvalue.dtype),
-      jnp.where(ok, residual, jnp.inf).astype(state.residual.dtype),
+      jnp.where(ok, residual, UNKNOWN_RESIDUAL).astype(state.residual.dtype),
   )
 
 

@@ -29,7 +29,10 @@ def as_arrays(tree: PyTree) -> PyTree:
 
 
 def is_float(x: Any) -> bool:
-  """Whether a leaf is a direction of the loss: a float (or complex) dtype.
+  """Whether a leaf is a direction of the loss: a float dtype.
+
+  (Complex leaves are refused before any arithmetic: see
+  ``_validation.reject_complex``.)
 
   Integer and boolean leaves (a step counter) are not; their gradients are
   ``float0`` (``jax.grad(..., allow_int=True)``).
@@ -49,18 +52,38 @@ def batch_mean(tree: PyTree, batch_axis_name: AxisName) -> PyTree:
   return jax.lax.pmean(tree, axis_name=batch_axis_name)
 
 
-def safe_normalize(tree: PyTree) -> tuple[PyTree, jax.Array]:
+def safe_normalize(tree: PyTree, *, scale: Optional[jax.Array] = None
+                   ) -> tuple[PyTree, jax.Array]:
   """Returns ``(tree / ||tree||, ||tree||)``, with zeros where the norm is 0.
 
-  A zero or non-finite norm gives a zero tree (never NaN); callers decide what
-  to do with it, e.g. keep a previous vector.
+  Exact for any finite ``tree``: the entries are scaled by a power of two
+  (:func:`power_of_two_scale` of the largest magnitude) before they are
+  squared, so a float32, bfloat16 or float16 tree of norm 1e30 or 1e-30
+  gives the same unit vector as at norm 1, where the plain sum of squares
+  would overflow or flush to zero. A power of two scales exactly, so at
+  ordinary scales the result is the unscaled computation's, bit for bit.
+  ``scale``, when given, is a power of two that already brings the largest
+  entry near 1 (e.g. 1 for a sum of unit vectors); it saves the pass that
+  finds the largest entry, a reduction per leaf.
+
+  A zero or non-finite tree gives a zero tree (never NaN), and then
+  ``is_usable(norm)`` is false; callers decide what to do with it, e.g.
+  keep a previous vector. A finite tree whose norm is beyond the dtype's
+  largest number gets its exact unit vector and an infinite norm (not
+  clamped: that would cost scalar arithmetic in every leaf's fusion of the
+  callers that test the norm).
   """
-  norm = global_norm(tree)
-  ok = is_usable(norm)
-  inv = jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0)
-  # where, not just `x * inv`: a NaN or inf entry times 0 would still be NaN.
-  return jax.tree.map(
-      lambda x: jnp.where(ok, x * inv, 0).astype(x.dtype), tree), norm
+  scale, squares = _scaled_squares(tree, scale)
+  ok = is_usable(squares)
+  # Both wheres: 1/0 must not be computed even on the branch not taken.
+  inv = jnp.where(ok, 1.0 / jnp.sqrt(jnp.where(ok, squares, 1.0)), 0.0)
+  # Two products, not x * (scale * inv): that factor is subnormal (flushed
+  # to zero) for entries in the dtype's top binade. where, not just a
+  # product: a NaN or inf entry times 0 is still NaN.
+  unit = jax.tree.map(
+      lambda x: jnp.where(ok, _widened(x) * scale * inv, 0).astype(x.dtype),
+      tree)
+  return unit, jnp.sqrt(squares) / scale
 
 
 def vdot(x: PyTree, y: PyTree) -> jax.Array:
@@ -70,6 +93,10 @@ def vdot(x: PyTree, y: PyTree) -> jax.Array:
   ``jax.__version__ < '0.7.2'``, a string comparison that is true for jax
   0.10, and ``jnp.vdot`` ravels each leaf, which all-gathers a sharded leaf.
   A leafwise product and sum reduces shard by shard.
+
+  Unscaled (unlike :func:`global_norm`): the transforms take inner products
+  with a unit vector, which overflow or flush to zero only where the result
+  itself does.
   """
   def leaf(a, b):
     acc = jnp.result_type(jnp.float32, a, b)
@@ -78,13 +105,74 @@ def vdot(x: PyTree, y: PyTree) -> jax.Array:
   return sum_leaves(jax.tree.leaves(jax.tree.map(leaf, x, y)))
 
 
-def global_norm(tree: PyTree) -> jax.Array:
+def global_norm(tree: PyTree, *, scale: Optional[jax.Array] = None
+                ) -> jax.Array:
   """``||tree||`` over all leaves, accumulated in at least float32.
 
   Not ``optax.tree.norm``: it adds the leaves' squares one by one (see
-  :func:`sum_leaves`) and squares bfloat16 leaves in bfloat16.
+  :func:`sum_leaves`), squares bfloat16 leaves in bfloat16, and squares
+  without scaling, so a float32 norm above about 1e19 overflows and one
+  below about 1e-19 flushes to zero. Here the entries are scaled by a power
+  of two first, as in :func:`safe_normalize` (``scale`` as there).
   """
-  return jnp.sqrt(vdot(tree, tree))
+  scale, squares = _scaled_squares(tree, scale)
+  return jnp.sqrt(squares) / scale
+
+
+def unit_scale(tree: PyTree) -> jax.Array:
+  """A power of two ``s`` with ``max |x| * s`` in ``[1, 4)`` over all leaves.
+
+  In at least float32. Leafwise maxima, each turned into its own power of
+  two, then one reduction (see :func:`sum_leaves`): the smallest of them is
+  the scale of the largest entry, a sharded leaf is reduced shard by shard,
+  never gathered, and the scalar arithmetic runs once per leaf, where XLA
+  would copy arithmetic after the reduction into every consumer's fusion.
+  A zero tree gets some normal power of two; a NaN or infinite entry makes
+  every scaled square non-finite, as the caller's check expects.
+  """
+  acc = scalar_dtype(tree)
+  scales = [power_of_two_scale(jnp.max(jnp.abs(x)).astype(acc))
+            for x in jax.tree.leaves(tree) if jnp.size(x)]
+  if not scales:
+    return jnp.ones((), acc)
+  return jnp.min(jax.lax.optimization_barrier(jnp.stack(scales)), axis=0)
+
+
+def power_of_two_scale(magnitude: jax.Array) -> jax.Array:
+  """A power of two ``s`` with ``magnitude * s`` in ``[1, 4)``.
+
+  For a finite ``magnitude > 0``: ``[1, 2)``, or ``[2, 4)`` in the dtype's
+  top binade, where ``2**-e`` would not be a normal number. Some normal
+  power of two otherwise (``2**127`` for 0, ``2**-126`` for inf and NaN in
+  float32). Non-increasing in ``magnitude``. Built from the exponent bits,
+  not as ``2.0 ** -e``, which XLA computes through ``exp`` and ``log``: the
+  scaling must be exact. ``magnitude`` is float32 or float64, ``>= 0``.
+  """
+  info = jnp.finfo(magnitude.dtype)
+  bits_type = {4: jnp.int32, 8: jnp.int64}[info.dtype.itemsize]
+  exponent_bits = (2 * info.maxexp - 1) << info.nmant
+  one = 1 << info.nmant  # the exponent field's unit
+  bits = jax.lax.bitcast_convert_type(magnitude, bits_type) & exponent_bits
+  # Exponent field 2 * bias - E: the value 2**(bias - E) = 2**-e. At least
+  # field 1, a normal number: the top binade and inf / NaN get 2**(1 - bias).
+  scaled = jnp.maximum(
+      jnp.asarray((2 * (info.maxexp - 1)) * one, bits_type) - bits,
+      jnp.asarray(one, bits_type))
+  return jax.lax.bitcast_convert_type(scaled, magnitude.dtype)
+
+
+def _widened(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.result_type(jnp.float32, x))
+
+
+def _scaled_squares(tree: PyTree, scale: Optional[jax.Array]
+                    ) -> tuple[jax.Array, jax.Array]:
+  """``scale`` (:func:`unit_scale` if ``None``) and ``sum (s x)^2``."""
+  if scale is None:
+    scale = unit_scale(tree)
+  squares = sum_leaves([jnp.sum(jnp.square(_widened(x) * scale))
+                        for x in jax.tree.leaves(tree)])
+  return scale, squares
 
 
 def sum_leaves(parts: list[jax.Array]) -> jax.Array:

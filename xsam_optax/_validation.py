@@ -169,6 +169,29 @@ def require_grad_fn(grad_fn: Optional[Callable[[Any], Any]], params: Any, *,
     raise ValueError(f"{owner}: {MASKED_HELP}")
 
 
+def reject_complex(tree: Any, *, what: str, owner: str) -> None:
+  """Raises a ``ValueError`` naming the first complex leaf of ``tree``.
+
+  The transforms' inner products do not conjugate, so a complex parameter
+  would give a complex cosine and eigenvalue and a wrong direction, with no
+  error: it is refused instead, with the way around it.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    # Leaves without a dtype (Python numbers; optax.MaskedNode, reported
+    # later with its own message) are complex only as Python complex.
+    dtype = getattr(leaf, "dtype", np.complex128 if isinstance(
+        leaf, complex) else None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
+      where = jax.tree_util.keystr(path)
+      raise ValueError(
+          f"{owner}: {what}{where} is {jnp.dtype(dtype).name}; X-SAM works "
+          "on real parameters (its inner products, cosine and eigenvalue are "
+          "those of a real vector space). Keep the real and imaginary parts "
+          "as two real leaves and rebuild the complex value in the loss, e.g. "
+          "params = {'re': w.real, 'im': w.imag} and "
+          "w = p['re'] + 1j * p['im'] inside loss(p).")
+
+
 def check_transformation(name: str, value: Any) -> None:
   """Requires an object with ``init`` and ``update``, e.g. ``optax.sgd(0.1)``."""
   if not (callable(getattr(value, "init", None))

@@ -15,10 +15,13 @@ Example (Python; ``main(argv)`` runs the same thing and returns the exit status)
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -54,6 +57,8 @@ on the training-mode loss of a fixed batch of the first --eval-batch-size
 training examples. BatchNorm uses batch statistics in every gradient and
 Hessian-vector product; running statistics are updated once per step, from the
 clean forward pass. Writes OUT/metrics.json and OUT/curves.png and prints a table.
+Ctrl-C stops the run (exit status 130) and writes the results of the optimizers
+that finished.
 """
 
 
@@ -131,10 +136,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   checks = [
       (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
       (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-      (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+      # isfinite: an inf passes `> 0` and trains to NaN.
+      (math.isfinite(args.lr) and args.lr > 0,
+       f"--lr must be a finite number > 0, got {args.lr}"),
       (0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}"),
-      (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
-      (args.rho >= 0, f"--rho must be >= 0, got {args.rho}"),
+      (math.isfinite(args.weight_decay) and args.weight_decay >= 0,
+       f"--weight-decay must be a finite number >= 0, got {args.weight_decay}"),
+      (math.isfinite(args.rho) and args.rho >= 0,
+       f"--rho must be a finite number >= 0, got {args.rho}"),
       (0 <= args.alpha <= 2, f"--alpha must be in [0, 2], got {args.alpha}"),
       (args.update_every >= 1, f"--update-every must be >= 1, got {args.update_every}"),
       (args.num_iters >= 1, f"--num-iters must be >= 1, got {args.num_iters}"),
@@ -142,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       (args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}"),
       (args.train_size is None or args.train_size >= args.batch_size,
        f"--train-size must be >= --batch-size ({args.batch_size}), got {args.train_size}"),
+      # jax.random.key takes a 64-bit signed seed.
+      (0 <= args.seed < 2 ** 63, f"--seed must be in [0, 2**63), got {args.seed}"),
   ]
   for ok, message in checks:
     if not ok:
@@ -197,14 +208,21 @@ def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
   return config
 
 
+def _names(args: argparse.Namespace) -> tuple[str, ...]:
+  """The optimizers the flags ask for, in the order they train."""
+  return optimizers.OPTIMIZERS if args.optimizer == "all" else (args.optimizer,)
+
+
 def _train_all(args: argparse.Namespace, protocol: loop.Protocol, variables, eval_fn,
-               top_eigenvalue_fn) -> dict[str, dict[str, Any]]:
-  """Trains every optimizer the flags name under one protocol; the metrics per run."""
+               top_eigenvalue_fn, runs: dict[str, dict[str, Any]]) -> None:
+  """Trains every optimizer the flags name under one protocol.
+
+  Each run's metrics go into ``runs`` as soon as it finishes (and a line says so on
+  stdout), so that an interrupted comparison still has the finished ones.
+  """
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-  names = optimizers.OPTIMIZERS if args.optimizer == "all" else (args.optimizer,)
-  runs: dict[str, dict[str, Any]] = {}
-  for name in names:
+  for name in _names(args):
     optimizer = _make_optimizer(args, name, learning_rate=protocol.schedule)
     with tqdm(total=protocol.total_steps, desc=f"{name:>4}", unit="step",
               disable=not args.progress, leave=True, file=sys.stderr) as bar:
@@ -219,7 +237,7 @@ def _train_all(args: argparse.Namespace, protocol: loop.Protocol, variables, eva
         **result._asdict(),
         "mean_ms_per_step": sum(timed) / len(timed),
     }
-  return runs
+    print(f"{name}: finished, test accuracy {result.test_accuracy[-1]:.4f}", flush=True)
 
 
 def _metrics(args: argparse.Namespace, protocol: loop.Protocol, runs,
@@ -253,14 +271,36 @@ def _metrics(args: argparse.Namespace, protocol: loop.Protocol, runs,
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Entry point of ``xsam-train``; returns the process exit status."""
+  """Entry point of ``xsam-train``; returns the process exit status.
+
+  Ctrl-C ends the run with status 130 and one line on stderr, after writing the
+  results of the optimizers that finished (none: nothing is written).
+  """
   args = parse_args(argv)
+  runs: dict[str, dict[str, Any]] = {}
+  shared: dict[str, Any] = {}  # the protocol and its compile time, once known
+  try:
+    _run(args, runs, shared)
+  except KeyboardInterrupt:
+    return _interrupted(args, runs, shared)
+  return 0
+
+
+def _run(args: argparse.Namespace, runs: dict[str, dict[str, Any]],
+         shared: dict[str, Any]) -> None:
+  """Loads the data, trains every optimizer into ``runs`` and writes the results."""
   import jax  # pylint: disable=g-import-not-at-top
 
+  dataset = data_lib.load_dataset(args.dataset, train_size=args.train_size)
+  if len(dataset.x_train) < args.batch_size:  # Checked before anything compiles.
+    limit = "" if args.train_size is None else f" (--train-size {args.train_size})"
+    build_parser().error(
+        f"--batch-size must be <= the {len(dataset.x_train)} training examples of "
+        f"{args.dataset}{limit}, got {args.batch_size}")
   protocol = loop.make_protocol(
       args.dataset, args.model, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-      eval_batch_size=args.eval_batch_size, train_size=args.train_size)
-  dataset, model = protocol.dataset, protocol.model
+      eval_batch_size=args.eval_batch_size, train_size=args.train_size, dataset=dataset)
+  model = protocol.model
   # Shared across optimizers, so compiled once.
   variables = loop.init_variables(model, dataset.x_train[: args.batch_size], seed=args.seed)
   eval_fn = jax.jit(loop.make_eval_fn(model))
@@ -270,18 +310,50 @@ def main(argv: list[str] | None = None) -> int:
   eval_fn(params, batch_stats, dataset.x_test, dataset.y_test)
   top_eigenvalue_fn(params, batch_stats, protocol.eval_x, protocol.eval_y,
                     loop.lanczos_start(params, args.seed)).block_until_ready()
-  shared_compile_seconds = time.perf_counter() - t0
+  shared.update(protocol=protocol, compile_seconds=time.perf_counter() - t0)
 
-  runs = _train_all(args, protocol, variables, eval_fn, top_eigenvalue_fn)
+  _train_all(args, protocol, variables, eval_fn, top_eigenvalue_fn, runs)
   print(report.format_table(runs))  # First: nothing below can lose the results.
+  metrics_path, curves_path = _write_results(args, runs, shared)
+  print(f"wrote {metrics_path} and {curves_path}")
+
+
+def _write_results(args: argparse.Namespace, runs: dict[str, dict[str, Any]],
+                   shared: dict[str, Any], *, interrupted: bool = False) -> tuple[str, str]:
+  """Writes ``metrics.json`` and ``curves.png`` of ``runs``; returns their paths."""
+  metrics = _metrics(args, shared["protocol"], runs, shared["compile_seconds"])
+  if interrupted:
+    metrics["interrupted"] = {
+        "finished": list(runs), "not_finished": [n for n in _names(args) if n not in runs]}
   os.makedirs(args.out, exist_ok=True)
-  report.write_metrics(os.path.join(args.out, "metrics.json"),
-                       _metrics(args, protocol, runs, shared_compile_seconds))
-  report.plot_curves(os.path.join(args.out, "curves.png"), runs,
+  metrics_path = os.path.join(args.out, "metrics.json")
+  curves_path = os.path.join(args.out, "curves.png")
+  report.write_metrics(metrics_path, metrics)
+  report.plot_curves(curves_path, runs,
                      title=f"{args.dataset} / {args.model}, {args.epochs} epochs")
-  print(f"wrote {os.path.join(args.out, 'metrics.json')} and "
-        f"{os.path.join(args.out, 'curves.png')}")
-  return 0
+  return metrics_path, curves_path
+
+
+def _interrupted(args: argparse.Namespace, runs: dict[str, dict[str, Any]],
+                 shared: dict[str, Any]) -> int:
+  """After Ctrl-C: the finished runs' results, one line on stderr, status 130."""
+  # A second Ctrl-C must not cut the files short; signal handlers can only be
+  # set from the main thread.
+  in_main = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+  try:
+    if runs:
+      print(report.format_table(runs))
+      metrics_path, curves_path = _write_results(args, runs, shared, interrupted=True)
+      message = (f"interrupted; wrote {metrics_path} and {curves_path} for "
+                 f"{', '.join(runs)}")
+    else:
+      message = "interrupted before any optimizer finished; nothing written"
+  finally:
+    if in_main:
+      signal.signal(signal.SIGINT, previous)
+  print(f"xsam-train: {message}", file=sys.stderr, flush=True)
+  return 130
 
 
 if __name__ == "__main__":

@@ -262,8 +262,13 @@ class Protocol(NamedTuple):
 
 
 def make_protocol(dataset_name: str, model_name: str, *, batch_size: int, epochs: int,
-                  lr: float, eval_batch_size: int, train_size: int | None = None) -> Protocol:
+                  lr: float, eval_batch_size: int, train_size: int | None = None,
+                  dataset: data_lib.Dataset | None = None) -> Protocol:
   """Data, model, cosine schedule over all steps and evaluation batch.
+
+  ``dataset``: the data of ``dataset_name`` (and ``train_size``) if the caller has
+  loaded it already. A ``batch_size`` larger than the training split raises a
+  ``ValueError``: an epoch would have no step.
 
   Example:
     >>> p = make_protocol("digits", "mlp", batch_size=64, epochs=2, lr=0.1,
@@ -271,9 +276,14 @@ def make_protocol(dataset_name: str, model_name: str, *, batch_size: int, epochs
     >>> p.steps_per_epoch, p.total_steps, p.eval_x.shape[0]
     (21, 42, 32)
   """
-  dataset = data_lib.load_dataset(dataset_name, train_size=train_size)
+  if dataset is None:
+    dataset = data_lib.load_dataset(dataset_name, train_size=train_size)
   model = models.make_model(model_name, num_classes=dataset.num_classes)
   steps_per_epoch = len(dataset.x_train) // batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(
+        f"batch_size {batch_size} is larger than the {len(dataset.x_train)} "
+        f"training examples of {dataset_name}: an epoch would have no step.")
   total_steps = steps_per_epoch * epochs
   return Protocol(
       dataset=dataset, model=model, steps_per_epoch=steps_per_epoch,
