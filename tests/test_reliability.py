@@ -206,17 +206,7 @@ def test_integer_leaves_with_zero_gradients_train_as_with_plain_optax():
 
   def train(params, grad_fn):
     tx = xsam_optax.xsam(optax.sgd(LR, momentum=0.9), rho=RHO, alpha=ALPHA)
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state):
-      updates, state = tx.update(grad_fn(params), state, params,
-                                 grad_fn=grad_fn)
-      return optax.apply_updates(params, updates), state
-
-    for _ in range(3):
-      params, state = step(params, state)
-    return params
+    return _train_three_steps(tx, params, grad_fn)
 
   trained = train(params, grad_fn)
   assert int(trained["step"]) == 7 and bool(trained["frozen"]) is True

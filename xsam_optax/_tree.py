@@ -281,12 +281,13 @@ def random_unit_like(key: jax.Array, tree: PyTree) -> PyTree:
   ``keys = jax.random.split(key, n)``, cast to the leaf's dtype; then the
   whole tree is normalised.
 
-  Compiling that as written, one threefry draw per leaf, took about 0.1 s
-  per leaf on a CPU. With JAX's partitionable threefry (the default) a draw
-  of ``size`` numbers is the first ``size`` numbers of a longer draw with
-  the same key, so leaves are drawn in a few groups of padded sizes (powers
-  of two; exact for large leaves, to keep the padding small), one ``vmap``
-  per group, and the program grows with the number of groups. Called
+  Compiled as written, that is one threefry draw per leaf, and compile time
+  grows with the number of leaves. With JAX's partitionable threefry (the
+  default) a draw of ``size`` numbers is the first ``size`` numbers of a
+  longer draw with the same key, so leaves are drawn in a few groups of
+  padded sizes (one for all small leaves, powers of two above, exact for
+  large leaves), one ``vmap`` per group, and the program grows with the
+  number of groups. Called
   eagerly on arrays of one device (``tx.init(params)``), the leaves are cut
   from the groups on the host: a program that slices hundreds of outputs
   out of one array compiles a kernel per slice. Traced (inside ``jax.jit``)
@@ -334,9 +335,8 @@ class _DrawLayout(NamedTuple):
 # Leaves of at most _SMALL numbers (biases, norms' scales, small kernels) are
 # drawn in one group padded to _SMALL; larger ones up to _PAD_UP_TO in groups
 # of power-of-two sizes; larger ones at their own size. Each group is one
-# threefry kernel to compile (about 0.2 s on a CPU), and the padding costs
-# at most _SMALL numbers per small leaf, twice a middle one's, nothing for a
-# large one.
+# threefry kernel to compile, and the padding costs at most _SMALL numbers
+# per small leaf, twice a middle one's, nothing for a large one.
 _SMALL = 1 << 12
 _PAD_UP_TO = 1 << 20
 
