@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from xsam_optax import _tracking
-from xsam_optax.train import loop
+from xsam_optax.train import loop, optimizers
 
 import _schedules
 
@@ -65,15 +65,15 @@ class Row:
 
 
 def optimizer(row: Row, learning_rate: float):
-  """``loop.make_optimizer``'s transform for ``row``."""
+  """``optimizers.make_optimizer``'s transform for ``row``."""
   if row.optimizer != "xsam":
-    opt = loop.make_optimizer(row.optimizer, learning_rate=learning_rate)
+    opt = optimizers.make_optimizer(row.optimizer, learning_rate=learning_rate)
   else:
     s = row.schedule
-    opt = loop.make_optimizer("xsam", learning_rate=learning_rate,
-                              update_every=s.update_every,
-                              num_iters=s.num_iters, method=s.method)
-  return getattr(opt, "tx", opt)  # make_optimizer may return (tx, period)
+    opt = optimizers.make_optimizer("xsam", learning_rate=learning_rate,
+                                    update_every=s.update_every,
+                                    num_iters=s.num_iters, method=s.method)
+  return opt.tx
 
 
 def lower(model, row: Row, key: tuple, state, x, y, learning_rate: float):

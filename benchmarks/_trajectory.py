@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from xsam_optax.train import loop
+from xsam_optax.train import loop, optimizers
 
 import _problems
 
@@ -63,10 +63,9 @@ def _batch_indices(problem, steps: int, seed: int) -> np.ndarray:
 def record(problem: _problems.Problem, steps: int, seed: int) -> Trajectory:
   """Runs SAM for ``steps`` steps and keeps every step's parameters."""
   indices = _batch_indices(problem, steps, seed)
-  tx = loop.make_optimizer(
+  tx = optimizers.make_optimizer(
       "sam", learning_rate=optax.cosine_decay_schedule(LEARNING_RATE, steps),
-      rho=RHO)
-  tx = getattr(tx, "tx", tx)  # make_optimizer may return (tx, refresh_every)
+      rho=RHO).tx
   x0 = jnp.asarray(problem.x_train[indices[0]])
   state = loop.init_state(problem.model, tx, x0, seed=seed)
   step = jax.jit(loop.make_train_step(problem.model, tx))
