@@ -27,7 +27,10 @@ def test_api_reference_builds_without_warnings(tmp_path):
     assert f"xsam_optax.{name}" in page.read_text(encoding="utf-8"), name
   api = (out / "api.html").read_text(encoding="utf-8")
   assert 'id="xsam_optax.flax_utils.TrainState"' in api
-  pages = {"guide": "The training step", "performance": "Performance",
+  # The install page comes first in the manual's table of contents.
+  index = (out / "index.html").read_text(encoding="utf-8")
+  assert index.index('href="install.html"') < index.index('href="guide.html"')
+  pages = {"install": "Install and first steps", "guide": "The training step", "performance": "Performance",
            "study": "Reproduction study", "design": "Why each hand-written helper exists",
            "CHANGELOG": "Changelog"}
   for page, heading in pages.items():
