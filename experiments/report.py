@@ -1166,7 +1166,7 @@ def plot(a: Analysis, results_dir: str) -> list[str]:
     ax.set_ylim(-0.6, len(ms) - 0.4)
     ax.set_title(SETTING_LABELS.get(s, s), fontsize=8)
     ax.grid(alpha=0.3, axis="x")
-  axes[-1, 0].set_xlabel("test accuracy minus SAM's (pp): dot = mean, bar = unadjusted 95% CI, "
+  axes[-1, 0].set_xlabel("test accuracy minus SAM's (pp): dot = mean, bar = unadjusted 95% CI,\n"
                          "grey = ± MDE at Holm's level (80% power); labels: Holm-adjusted p")
   fig.tight_layout()
   paths.append(os.path.join(results_dir, FIGURES[1]))
@@ -1187,7 +1187,8 @@ def plot(a: Analysis, results_dir: str) -> list[str]:
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_title(SETTING_LABELS.get(s, s) + ": chosen rates, X = mean", fontsize=8)
+    ax.set_title(SETTING_LABELS.get(s, s) + ": chosen rates,\nX = mean accuracy, geometric mean "
+                 "lambda_max", fontsize=8)
     ax.set_xlabel("final lambda_max (Lanczos; X at the geometric mean)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
