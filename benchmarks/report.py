@@ -17,6 +17,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 
 import _common
@@ -26,8 +27,91 @@ MODELS = ("cnn", "mlp", "resnet18")
 MODEL_NAMES = {"cnn": "CNN", "mlp": "MLP", "resnet18": "ResNet-18"}
 
 
+def from_root(cmd: str) -> str:
+  """``cmd`` as run from the repository root.
+
+  Older records ran some scripts from ``benchmarks/`` (``cd benchmarks &&
+  python quality.py ... --json results/...``): the page prints every command
+  as it runs from the root.
+
+  Example:
+    >>> from_root("cd benchmarks && python quality.py --json results/q.json")
+    'python benchmarks/quality.py --json benchmarks/results/q.json'
+  """
+  cmd = re.sub(r"^cd benchmarks && ", "", cmd)
+  cmd = re.sub(r"^python (\w+\.py)\b", r"python benchmarks/\1", cmd)
+  return re.sub(r"(--json) results/", r"\1 benchmarks/results/", cmd)
+
+
 def _command(cmd: str) -> str:
-  return f"```bash\n{cmd}\n```\n"
+  return "```bash\n" + "\n".join(from_root(c) for c in cmd.split("\n")) + "\n```\n"
+
+
+def _range(values, digits=2) -> str:
+  """``lo-hi`` (or one value) of ``values``, formatted."""
+  lo, hi = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+  return lo if lo == hi else f"{lo}-{hi}"
+
+
+# The schedules the opening answer prices (the FLOP table's row names).
+ANSWER_SCHEDULES = (
+    ("power 1 every 2", "the defaults (one power product on the Hessian every 2 steps)"),
+    ("power 1 every 2, Gauss-Newton",
+     "Gauss-Newton products every 2 steps (`curvature_fn=gauss_newton_fn(...)`)"),
+    ("reference (power 5 every 5)", "the paper's schedule (5 products every 5 steps)"),
+    ("power 1 every 1", "one product on every step (`update_every=1`)"),
+)
+
+
+def answer_section(steps: dict, runs: dict) -> str:
+  """The page's opening answer: cost and memory over SAM, and where it was measured."""
+  models = [m for m in MODELS if m in steps]
+  lines = ["## In short", ""]
+  flops = {}
+  for m in models:
+    for r in steps[m]["rows"]:
+      if r["optimizer"] == "xsam" and r["path"] == "host":
+        flops.setdefault(r["name"].removeprefix("X-SAM "), {})[m] = r["flops_ratio_to_sam"]
+  priced = [(label, flops[name]) for name, label in ANSWER_SCHEDULES if name in flops]
+  if priced:
+    lines.append(
+        "- **Cost over SAM** (XLA's FLOP count of the compiled training step, averaged over "
+        f"a refresh period; {', '.join(MODEL_NAMES[m] for m in models)}): "
+        + "; ".join(f"{label} {_range(list(v.values()))}x" for label, v in priced)
+        + ". (Table: *Cost in FLOPs*.)")
+  big = steps.get("resnet18", {})
+  memory = big.get("memory_xla")
+  if memory:
+    pb = big["config"]["param_bytes"]
+    x = lambda key: memory[key] / pb if key in memory else None
+    parts = [("SAM's step", x("('sam',)")),
+             ("an X-SAM step without a refresh", x("('xsam', 'plain', False)")),
+             ("a Hessian refresh step (one power product)",
+              x("('xsam', ('power', 1, 1.0, 'hvp'), True)")),
+             ("with 5 products", x("('xsam', ('power', 5, 1.0, 'hvp'), True)")),
+             ("a Gauss-Newton refresh step", x("('xsam', ('power', 1, 1.0, 'gn'), True)"))]
+    lines.append(
+        f"- **Memory over SAM** (XLA's accounting of the compiled step, ResNet-18 at batch "
+        f"{big['config']['batch_size']}, in multiples of the parameters' size): "
+        + "; ".join(f"{name} {v:.1f}x" for name, v in parts if v is not None)
+        + ". The refresh step holds the products' activations and tangents; the other "
+        "steps add one parameter-sized vector, the eigenvector. (*Memory*.)")
+  backends = sorted({d.get("environment", {}).get("backend", "?") for ds in runs.values()
+                     for d in ds})
+  accelerators = [b for b in backends if b not in ("cpu", "?")]
+  lines.append(
+      "- **Where it was measured**: "
+      + (f"every result on this page ran on a CPU ({', '.join(backends)} backend): the FLOP "
+         "and memory counts are of programs XLA compiled for the CPU, and every wall time is "
+         "a CPU time. No GPU or TPU measurement is among them. On an accelerator XLA "
+         "compiles other programs (fusions, layouts, and a `lax.cond` that skips the "
+         "refresh rather than computing it), so the counts are estimates there and the CPU "
+         "wall times say nothing about it (`benchmarks/step_overhead.py --device gpu` "
+         "measures a GPU)."
+         if not accelerators else
+         f"results on {', '.join(backends)}; each table names its device."))
+  lines.append("")
+  return "\n".join(lines)
 
 
 def _where(env: dict) -> str:
@@ -149,8 +233,9 @@ def wall_section(d: dict) -> str:
        "wall x every step", "memory - SAM's, x params"), rows)
   wall = [s for s in d["summary"] if s.startswith("wall")]
   return "\n".join([
-      f"### {MODEL_NAMES[d['model']]}: {cfg['model_description']}, batch "
-      f"{cfg['batch_size']}, {_where(env)} (jax {env['jax']})", "",
+      f"### {MODEL_NAMES[d['model']]}, batch {cfg['batch_size']}, {_where(env)}: "
+      f"`{d['_file']}`", "",
+      f"{cfg['model_description']}; jax {env['jax']}.", "",
       _command(d["command"]),
       f"Load average (1 min) at start / timing / end: {_load(env)}; "
       f"{cfg['rounds']} interleaved rounds of "
@@ -386,6 +471,7 @@ def page(results_dir: str) -> str:
   for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
     with open(path) as f:
       d = json.load(f)
+    d["_file"] = os.path.basename(path)
     if not d.get("smoke"):
       runs.setdefault(d.get("benchmark"), []).append(d)
   by_model = {}
@@ -398,9 +484,12 @@ def page(results_dir: str) -> str:
   out = ["# Performance", "",
          "Every number on this page is written by a script in `benchmarks/` "
          "into `benchmarks/results/`, and the page by `python "
-         "benchmarks/report.py`; the command above each table reruns it. "
-         "Ratios are measured side by side in one process; nothing here is "
-         "timed in a test.", "",
+         "benchmarks/report.py`; the command above each table reruns it from "
+         "the repository root. Ratios are measured side by side in one "
+         "process; nothing here is timed in a test.", ""]
+  if steps:
+    out.append(answer_section(steps, runs))
+  out += [
          "The library's default schedule is `power 1 every 2` (one power "
          "step on the Hessian every 2 steps): the cheapest Hessian schedule "
          "that holds the paper's tracking quality on every model below "

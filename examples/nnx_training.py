@@ -89,15 +89,15 @@ def evaluate(model, x, y):
 
 
 def make_tx(name, schedule, args):
-  """The transform, and its refresh period for the host's schedule (``None``: no refreshes)."""
+  """The transform, and the host's copy of its refresh schedule (``None``: no refreshes)."""
   base = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
   if name == "sgd":
     return base, None
   if name == "sam":
     return xsam_optax.sam(base, rho=args.rho), None
-  return xsam_optax.xsam(base, rho=args.rho, alpha=args.alpha,
-                         update_every=args.update_every, num_iters=args.num_iters
-                         ), args.update_every
+  tx = xsam_optax.xsam(base, rho=args.rho, alpha=args.alpha,
+                       update_every=args.update_every, num_iters=args.num_iters)
+  return tx, xsam_optax.refresh_schedule(tx)  # the period read from tx itself
 
 
 def main(argv=None):
@@ -120,7 +120,7 @@ def main(argv=None):
   schedule = optax.cosine_decay_schedule(args.lr, steps_per_epoch * args.epochs)
   model = CNN(ds.x_train.shape[1:-1], ds.x_train.shape[-1], ds.num_classes,
               rngs=nnx.Rngs(args.seed))
-  tx, refresh_every = make_tx(args.optimizer, schedule, args)
+  tx, refresh_schedule = make_tx(args.optimizer, schedule, args)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   step = 0
@@ -129,8 +129,7 @@ def main(argv=None):
     model.train()
     losses = []
     for idx in order[: steps_per_epoch * args.batch_size].reshape(steps_per_epoch, -1):
-      refresh = (None if refresh_every is None
-                 else xsam_optax.refresh_due(step, refresh_every))
+      refresh = None if refresh_schedule is None else refresh_schedule(step)
       loss, _ = train_step(model, optimizer, ds.x_train[idx], ds.y_train[idx], refresh=refresh)
       losses.append(loss)
       step += 1

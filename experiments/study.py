@@ -101,6 +101,9 @@ def initial_grid(spec: dict[str, Any], setting: str) -> tuple[float, ...]:
 _XSAM = {"name": "xsam", "alpha": 0.2, "normalize": True, "rule": "reference"}
 LANCZOS = {"method": "lanczos", "num_iters": 4}  # the library default when the study ran (every 5 steps)
 POWER = {"method": "power", "num_iters": 5}  # the reference's schedule
+# The library's defaults today (xsam_optax.xsam): one power-iteration product
+# every 2 steps. Methods without "update_every" refresh every UPDATE_EVERY.
+DEFAULTS = {"method": "power", "num_iters": 1, "update_every": 2}
 # Methods: make_optimizer name and keywords, the grid, and the estimator.
 METHODS: dict[str, dict[str, Any]] = {
     "sgd": {"name": "sgd", "grid": "plain"},
@@ -118,6 +121,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "xsam_nn_pow": {**_XSAM, "normalize": False, "grid": "plain", **POWER},
     "xsam_si_pow": {**_XSAM, "rule": "sign_invariant", "grid": "normalised", **POWER},
     "eigensam_pow": {"name": "eigensam", "alpha": 0.2, "grid": "plain", **POWER},
+    # X-SAM as a user gets it today, at the rate chosen for "xsam" (its
+    # "rate_of"): no grid of its own, every seed at that rate, so the two
+    # estimator schedules are compared at one rate, paired by seed.
+    "xsam_default": {**_XSAM, "grid": "normalised", "rate_of": "xsam", **DEFAULTS},
 }
 DEFAULT_METHODS = tuple(METHODS)
 UPDATE_EVERY = 5
@@ -132,6 +139,11 @@ NOISE_SEED = 1
 MAX_EXTEND = 3
 GRID_SEEDS = (0, 1, 2)
 RERUN_OUT = os.path.join("/tmp", "xsam-study-rerun")
+
+
+def update_every(spec: dict[str, Any]) -> int:
+  """The method's eigenvector refresh period (``UPDATE_EVERY`` unless it sets its own)."""
+  return spec.get("update_every", UPDATE_EVERY)
 
 
 def refreshes(spec: dict[str, Any]) -> bool:
@@ -251,7 +263,7 @@ def make_method(spec: dict[str, Any], *, total_steps: int, seed: int):
             if k in spec}
   inner = optimizers.make_optimizer(
       spec["name"], learning_rate=optax.cosine_decay_schedule(1.0, decay_steps=total_steps),
-      momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, rho=RHO, update_every=UPDATE_EVERY,
+      momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, rho=RHO, update_every=update_every(spec),
       seed=seed, **kwargs).tx
   return optax.chain(inner, scale_by_peak_lr())
 
@@ -388,7 +400,7 @@ class Group:
       history = []
       for idx in loop.epoch_batches(len(split.x_train), bs, seed=seed, epoch=epoch):
         refresh = (self.variants[0] if len(self.variants) == 1
-                   else xsam_optax.refresh_due(step_count, UPDATE_EVERY))
+                   else xsam_optax.refresh_due(step_count, update_every(self.spec)))
         state, metrics = self.steps[refresh](state, split.x_train[idx], split.y_train[idx])
         history.append(metrics)
         step_count += 1
@@ -423,10 +435,11 @@ class Group:
             "val_examples": len(split.x_val), "test_examples": len(split.x_test),
             "base": {"name": "sgd", "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
                      "schedule": "cosine_decay", "peak_lr": lr},
-            "method": {k: v for k, v in spec.items() if k != "grid"},
+            "method": {k: v for k, v in spec.items() if k not in ("grid", "rate_of")},
+            "rate_of": spec.get("rate_of"),
             "initial_grid": list(initial_grid(spec, self.setting)),
             "rho": None if spec["name"] == "sgd" else RHO,
-            "update_every": UPDATE_EVERY if self.uses_refresh else None,
+            "update_every": update_every(spec) if self.uses_refresh else None,
             "refreshes": refreshes(spec),
             "measurement": {
                 "batch": f"first {args.eval_batch_size} examples of the training split, "
@@ -542,45 +555,63 @@ def run_group(args, setting: str, method: str, command: str, environment: dict) 
   With ``--lrs``: exactly those rates for every seed. Otherwise the method's
   grid on ``--grid-seeds``, extended by a factor 2 beyond an edge while the
   best rate (:func:`best_rate`) sits on it (at most ``--max-extend`` times,
-  :func:`select_rate`), then the remaining ``--seeds`` at the chosen rate.
+  :func:`select_rate`), then the remaining ``--seeds`` at the chosen rate. A
+  method with a ``rate_of`` runs every seed at the rate chosen for that other
+  method (whose missing grid runs are trained first).
   """
-  exists = lambda lr, s: os.path.exists(os.path.join(args.out, run_name(setting, method, lr, s)))
-  group = None
-  trained = 0
+  trainers = {}
 
-  def train(lrs, seeds):
-    nonlocal group, trained
-    for lr in lrs:
-      for s in seeds:
-        if not exists(lr, s):
-          if group is None:
-            group = Group(args, setting, method)
-          group.run(lr, s, command, environment)
-          trained += 1
+  def train(name, lrs, seeds):
+    if name not in trainers:
+      trainers[name] = _Trainer(args, setting, name, command, environment)
+    trainers[name].train(lrs, seeds)
 
   if args.lrs:
-    train(args.lrs, args.seeds)
-    return trained
+    train(method, args.lrs, args.seeds)
+    return sum(t.trained for t in trainers.values())
   grid_seeds = [s for s in args.seeds if s in args.grid_seeds] or args.seeds[:1]
+  chooser = METHODS[method].get("rate_of", method)
 
   def totals_of(lrs):
-    train(lrs, grid_seeds)
-    return {lr: _total_correct(args.out, setting, method, lr, grid_seeds) for lr in lrs}
+    train(chooser, lrs, grid_seeds)
+    return {lr: _total_correct(args.out, setting, chooser, lr, grid_seeds) for lr in lrs}
 
-  lrs, best, edge = select_rate(initial_grid(METHODS[method], setting), totals_of,
+  lrs, best, edge = select_rate(initial_grid(METHODS[chooser], setting), totals_of,
                                 args.max_extend)
   if edge:
-    print(f"{setting} {method}: best rate {best:g} still on the grid's edge after "
+    print(f"{setting} {chooser}: best rate {best:g} still on the grid's edge after "
           f"{args.max_extend} extensions", flush=True)
-  train([best], [s for s in args.seeds if s not in grid_seeds])
-  return trained
+  if chooser == method:
+    train(method, [best], [s for s in args.seeds if s not in grid_seeds])
+  else:
+    train(method, [best], args.seeds)
+  return sum(t.trained for t in trainers.values())
+
+
+class _Trainer:
+  """Trains the missing runs of one (setting, method), building its :class:`Group` once."""
+
+  def __init__(self, args, setting: str, method: str, command: str, environment: dict):
+    self.args, self.setting, self.method = args, setting, method
+    self.command, self.environment = command, environment
+    self.group, self.trained = None, 0
+
+  def train(self, lrs, seeds):
+    for lr in lrs:
+      for s in seeds:
+        if not os.path.exists(os.path.join(self.args.out,
+                                           run_name(self.setting, self.method, lr, s))):
+          if self.group is None:
+            self.group = Group(self.args, self.setting, self.method)
+          self.group.run(lr, s, self.command, self.environment)
+          self.trained += 1
 
 
 # Order in which the groups are run (and claimed by workers): the comparison's
 # core first on every setting, the reference-schedule duplicates last, so a
 # study stopped at its time budget misses the least important runs.
 PRIORITY = ("sam", "sgd", "xsam", "xsam_a0", "xsam_nn", "xsam_si", "eigensam", "xsam_pow",
-            "xsam_nn_pow", "xsam_si_pow", "eigensam_pow")
+            "xsam_nn_pow", "xsam_si_pow", "eigensam_pow", "xsam_default")
 
 
 def groups(args) -> list[tuple[str, str]]:
@@ -604,6 +635,26 @@ def _claim(out: str, setting: str, method: str) -> bool:
     return True
   except FileExistsError:
     return False
+
+
+def library_commit() -> dict[str, Any]:
+  """The git commit of the checkout that runs the study, and whether it had local changes.
+
+  ``{"commit": None, "dirty": None}`` outside a git checkout (or without git).
+
+  Example:
+    >>> sorted(library_commit())
+    ['commit', 'dirty']
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                            text=True, check=True, timeout=30).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=True, timeout=30).stdout
+  except (OSError, subprocess.SubprocessError):
+    return {"commit": None, "dirty": None}
+  return {"commit": commit, "dirty": bool(dirty.strip())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,7 +682,10 @@ def main(argv: list[str] | None = None) -> int:
   if args.cache_dir:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  environment = {"jax": jax.__version__, "optax": optax.__version__,
+  import xsam_optax  # pylint: disable=g-import-not-at-top
+
+  environment = {"xsam_optax": xsam_optax.__version__, **library_commit(),
+                 "jax": jax.__version__, "optax": optax.__version__,
                  "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
                  "python": platform.python_version(), "machine": platform.machine(),
                  "workers": args.workers}

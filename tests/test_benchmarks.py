@@ -72,6 +72,41 @@ def test_page_from_the_committed_results(tmp_path):
   assert (tmp_path / "performance.md").read_text() == text
 
 
+def test_page_opens_with_the_answer_and_is_the_committed_one():
+  results = os.path.join(BENCHMARKS, "results")
+  text = report.page(results)
+  with open(os.path.join(BENCHMARKS, os.pardir, "docs", "performance.md")) as f:
+    assert f.read() == text  # generated, not edited by hand
+  headings = re.findall(r"^#+ (.*)$", text, flags=re.M)
+  assert headings[1] == "In short"
+  assert len(headings) == len(set(headings)), "repeated headings"
+  short = text.split("## In short")[1].split("\n## ")[0]
+  assert len(short.splitlines()) <= 12
+  # Oracle: the ResNet-18 run's XLA memory, read here from the JSON itself.
+  with open(os.path.join(results, "cpu-resnet18-cpu2.json")) as f:
+    d = json.load(f)
+  per_param = {k: v / d["config"]["param_bytes"] for k, v in d["memory_xla"].items()}
+  sam, refresh = per_param["('sam',)"], per_param["('xsam', ('power', 1, 1.0, 'hvp'), True)"]
+  assert f"SAM's step {sam:.1f}x" in short
+  assert f"a Hessian refresh step (one power product) {refresh:.1f}x" in short
+  assert "No GPU or TPU measurement" in short  # every committed result is a CPU's
+  # Every printed command runs from the repository root: its script exists there.
+  root = os.path.join(BENCHMARKS, os.pardir)
+  commands = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+              for line in block.splitlines() if line.strip()]
+  assert commands
+  for line in commands:
+    script = re.match(r"python (\S+\.py) ", line)
+    assert script and os.path.exists(os.path.join(root, script.group(1))), line
+
+
+def test_from_root_rewrites_commands_run_inside_benchmarks():
+  assert report.from_root("cd benchmarks && python quality.py --json results/a.json") == (
+      "python benchmarks/quality.py --json benchmarks/results/a.json")
+  same = "python benchmarks/estimators.py --json benchmarks/results/e.json"
+  assert report.from_root(same) == same
+
+
 def test_compile_time_smoke(tmp_path):
   """Every candidate compiles; the HLO grows with the number of leaves."""
   path = tmp_path / "c.json"

@@ -408,7 +408,7 @@ def test_refresh_must_be_none_or_a_bool(name, refresh):
               refresh=refresh)
   message = str(info.value)
   assert message.startswith("refresh must be None"), message
-  assert "refresh_due" in message, message
+  assert "refresh_schedule(tx)" in message and "refresh_due" in message, message
 
 
 @pytest.mark.parametrize("refresh", [True, np.bool_(False), jnp.array(True),

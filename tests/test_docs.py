@@ -27,7 +27,10 @@ def test_api_reference_builds_without_warnings(tmp_path):
     assert f"xsam_optax.{name}" in page.read_text(encoding="utf-8"), name
   api = (out / "api.html").read_text(encoding="utf-8")
   assert 'id="xsam_optax.flax_utils.TrainState"' in api
-  pages = {"guide": "The training step", "performance": "Performance",
+  # The install page comes first in the manual's table of contents.
+  index = (out / "index.html").read_text(encoding="utf-8")
+  assert index.index('href="install.html"') < index.index('href="guide.html"')
+  pages = {"install": "Install and first steps", "guide": "The training step", "performance": "Performance",
            "study": "Reproduction study", "design": "Why each hand-written helper exists",
            "CHANGELOG": "Changelog"}
   for page, heading in pages.items():
@@ -75,3 +78,39 @@ def test_readme_links_to_the_api_reference():
   with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
     readme = f.read()
   assert "](docs/" in readme and "sphinx" in readme
+
+
+def _code_of_every_page():
+  """(name, code) of every page's and example's Python: README and docs/*.md fences,
+  examples/*.py, the notebooks' code cells."""
+  import json  # pylint: disable=g-import-not-at-top
+  fence = re.compile(r"```python\n(.*?)```", re.DOTALL)
+  names = ["README.md"] + [os.path.join("docs", n) for n in sorted(os.listdir(
+      os.path.join(ROOT, "docs"))) if n.endswith(".md")]
+  for name in names:
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+      for code in fence.findall(f.read()):
+        yield name, code
+  for folder, ext in (("examples", ".py"), ("notebooks", ".ipynb")):
+    for n in sorted(os.listdir(os.path.join(ROOT, folder))):
+      if not n.endswith(ext):
+        continue
+      with open(os.path.join(ROOT, folder, n), encoding="utf-8") as f:
+        text = f.read()
+      if ext == ".ipynb":
+        text = "\n".join("".join(c["source"]) for c in json.loads(text)["cells"]
+                         if c["cell_type"] == "code")
+      yield os.path.join(folder, n), text
+
+
+def test_no_page_writes_the_refresh_period_twice_or_not_at_all():
+  # A host schedule whose period is not the transform's refreshes on other
+  # steps, silently: pages take it from the transform (refresh_schedule) or
+  # pass the period explicitly, never rely on refresh_due's default.
+  readme = ""
+  for name, code in _code_of_every_page():
+    for args in re.findall(r"refresh_due\(([^()]*)\)", code):
+      assert "," in args, f"{name}: refresh_due({args}) assumes period 2"
+    readme += code if name == "README.md" else ""
+  assert "schedule = xsam_optax.refresh_schedule(tx)" in readme
+  assert "refresh=schedule(step)" in readme

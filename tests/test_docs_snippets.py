@@ -406,6 +406,27 @@ def _():
   return setup, check
 
 
+# ------------------------------------------------------- install.md
+
+
+@PAGES["install.md"].register("A first step", 0)
+def _():
+  def setup():
+    return {}
+
+  def check(before, ns):
+    del before
+    # Oracles: the least-squares loss it starts from, and the top eigenvalue
+    # of its Hessian A^T A / n, dense.
+    a = np.asarray(ns["A"], np.float64)
+    top = np.linalg.eigvalsh(a.T @ a / len(a)).max()
+    start = float(ns["loss_fn"]({"w": jnp.zeros(8)}))
+    assert float(ns["loss_fn"](ns["params"])) < 1e-3 * start
+    np.testing.assert_allclose(_eigenvalue(ns["opt_state"]), top, rtol=1e-3)
+    assert ns["schedule"] == xsam_optax.RefreshSchedule(2)
+  return setup, check
+
+
 # ------------------------------------------------------------------ tests
 
 

@@ -322,8 +322,10 @@ def test_defaults_are_the_documented_ones(name):
                                   counts), want), key
 
 
-def test_refresh_due_defaults_to_the_transforms_period():
-  # Documented: update_every=2, the transforms' default. 2 is the one
-  # period due at step 2 and not at step 1.
-  assert [xsam_optax.refresh_due(step) for step in range(5)] == [
-      True, False, True, False, True]
+def test_refresh_due_defaults_to_the_transforms_period_with_a_warning():
+  # Documented: update_every=2, the transforms' default, deprecated (it
+  # cannot know the transform's period). 2 is the one period due at step 2
+  # and not at step 1.
+  with pytest.warns(DeprecationWarning, match="refresh_schedule"):
+    due = [xsam_optax.refresh_due(step) for step in range(5)]
+  assert due == [True, False, True, False, True]

@@ -124,3 +124,45 @@ def test_failed_products_off_schedule_change_nothing():
   for name in ("eigenvector", "eigenvalue"):
     assert_same(optax.tree.get(after, name), optax.tree.get(state, name))
   assert np.isfinite(float(after.residual))
+
+
+def test_host_schedule_read_from_the_transform_cannot_disagree(x64):
+  # The trap it closes: a transform built with update_every=5 and a host
+  # counting with refresh_due's old default (period 2) refresh on other
+  # steps, silently. Oracle: the transform's own schedule (refresh=None).
+  params, loss = conv_problem()
+  tx = xsam_optax.xsam(optax.sgd(0.1), update_every=5)
+  schedule = xsam_optax.refresh_schedule(tx)
+  assert schedule.update_every == 5
+  own = run(tx, params, loss, lambda t: None)
+  host = run(tx, params, loss, schedule)
+  for t in range(STEPS):
+    assert_same(own[t], host[t])
+  with pytest.warns(DeprecationWarning, match="update_every"):
+    mismatched = run(tx, params, loss, xsam_optax.refresh_due)
+  assert not np.allclose(jax.tree.leaves(mismatched[-1][0])[0],
+                         jax.tree.leaves(own[-1][0])[0])
+
+
+@pytest.mark.parametrize("factory", [
+    lambda k: xsam_optax.xsam(optax.sgd(0.1), update_every=k),
+    lambda k: xsam_optax.eigenvector_correction(update_every=k),
+    lambda k: xsam_optax.eigen_sam_ascent(update_every=k),
+])
+def test_refresh_schedule_reads_each_transforms_period(factory):
+  for k in (1, 3):
+    schedule = xsam_optax.refresh_schedule(factory(k))
+    assert schedule == xsam_optax.RefreshSchedule(k)
+    assert [schedule(t) for t in range(7)] == [t % k == 0 for t in range(7)]
+
+
+@pytest.mark.parametrize("tx", [
+    optax.sgd(0.1),
+    xsam_optax.sam(optax.sgd(0.1)),
+    optax.chain(xsam_optax.eigenvector_correction(update_every=5),
+                optax.sgd(0.1)),
+    object(),
+], ids=["sgd", "sam", "chain", "object"])
+def test_refresh_schedule_refuses_a_transform_whose_period_it_cannot_know(tx):
+  with pytest.raises(ValueError, match=r"^tx must be a transform returned by"):
+    xsam_optax.refresh_schedule(tx)

@@ -248,6 +248,28 @@ def test_committed_page_is_what_the_report_writes(tmp_path):
   del page
 
 
+def test_readme_study_answer_is_the_reports():
+  """The README's study answer quotes the report's numbers, each with its configuration."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  text = " ".join(readme.split("## The study's answer")[1].split("\n## ")[0].split())
+  a = report.analyse(report.load_runs(os.path.join(ROOT, "experiments", "results")))
+  assert f"Holm-adjusted over {len(a.vs_sam)} comparisons with SAM" in text
+  assert "Lanczos, 4 products every 5 steps" in text
+  assert "one power product every 2 steps" in text
+  lanczos = [a.vs_sam[s, "xsam"] for s in ("mnist1d_cnn", "mnist1d_cnn_noise20", "digits_mlp")]
+  defaults = [a.vs_sam[s, "xsam_default"]
+              for s in ("mnist1d_cnn", "mnist1d_cnn_noise20", "digits_mlp")]
+  assert (f"beat SAM by {lanczos[0].mean:.2f} pp on an MNIST-1D CNN and {lanczos[1].mean:.2f} pp "
+          f"under 20% label noise; on digits ({lanczos[2].mean:+.2f} pp) no difference") in text
+  assert all(c.p_holm < 0.05 for c in lanczos[:2]) and lanczos[2].p_holm >= 0.05
+  said = lambda c: f"{c.mean:+.2f} pp ({'detected' if c.p_holm < 0.05 else 'not detected'})"
+  assert f"{said(defaults[0])}, {said(defaults[1])} and {said(defaults[2])}" in text
+  assert all(c.p_holm >= 0.05 for c in a.vs_source.values())
+  mdes = [c.mde_holm for c in a.vs_source.values()]
+  assert f"(detectable: {min(mdes):.2f}-{max(mdes):.2f} pp)" in text
+
+
 def test_quick_study_and_report(tmp_path, capsys):
   out = str(tmp_path / "results")
   assert study.main(["--quick", "--out", out, "--cache-dir", ""]) == 0

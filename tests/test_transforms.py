@@ -165,8 +165,11 @@ def test_refresh_happens_exactly_every_update_every_steps(x64):
     previous = state
   assert refreshed == [0, 3, 6, 9]
   assert int(optax.tree.get(history[-1][1], "count")) == 10
-  # The host's copy of the schedule names the same steps.
+  # The host's copy of the schedule names the same steps, the period read
+  # from the transform itself.
   assert [s for s in range(10) if xsam_optax.refresh_due(s, 3)] == refreshed
+  schedule = xsam_optax.refresh_schedule(tx)
+  assert [s for s in range(10) if schedule(s)] == refreshed
 
 
 def quadratic(sharp=10.0, flat_=1.0):

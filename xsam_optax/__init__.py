@@ -8,7 +8,8 @@ multiplies by (:func:`hvp`; :func:`hessian_fn` and :func:`gauss_newton_fn`
 for ``curvature_fn``; :func:`finite_difference_fn`, one gradient per
 product), a micro-batch gradient (:func:`accumulated_grad_fn`), the state
 both eigen-tracking transforms keep (:class:`EigenvectorState`),
-the host's copy of the refresh schedule (:func:`refresh_due`) and two
+the host's copy of a transform's refresh schedule (:func:`refresh_schedule`,
+:func:`refresh_due`) and two
 conveniences built only by chaining (:func:`sam`, :func:`xsam`).
 """
 
@@ -26,13 +27,16 @@ from xsam_optax._hvp import hessian_fn
 from xsam_optax._hvp import hvp
 from xsam_optax._sam import sam_ascent
 from xsam_optax._tracking import EigenvectorState
+from xsam_optax._tracking import RefreshSchedule
 from xsam_optax._tracking import refresh_due
+from xsam_optax._tracking import refresh_schedule
 
 __version__ = "0.2.0"
 
 __all__ = (
     "EigenResult",
     "EigenvectorState",
+    "RefreshSchedule",
     "accumulated_grad_fn",
     "eigen_sam_ascent",
     "eigenvector_correction",
@@ -43,6 +47,7 @@ __all__ = (
     "lanczos",
     "power_iteration",
     "refresh_due",
+    "refresh_schedule",
     "sam",
     "sam_ascent",
     "xsam",

@@ -77,8 +77,9 @@ def xsam(
   is ``method="power", num_iters=5, update_every=5``; one product on every
   step is ``update_every=1``). To pay for the products only on refresh
   steps, let the training loop choose them:
-  ``tx.update(..., refresh=xsam_optax.refresh_due(step, update_every))``
-  inside a step jitted with ``static_argnames="refresh"``; without
+  ``tx.update(..., refresh=schedule(step))`` with ``schedule =
+  xsam_optax.refresh_schedule(tx)`` (the period read from ``tx``), inside a
+  step jitted with ``static_argnames="refresh"``; without
   ``refresh`` the transform follows the same schedule by itself (see
   :func:`eigenvector_correction`).
 
@@ -115,7 +116,10 @@ def xsam(
       :func:`optax.inject_hyperparams`, name a callable ``method`` or
       ``rule`` in ``static_args``: it calls every other callable argument
       with the step count, as a schedule.
-    normalize: drop the gradient magnitude before the base optimizer.
+    normalize: drop the gradient magnitude before the base optimizer: it
+      then receives a unit-length direction, so its learning rate is a step
+      length, not a multiple of the gradient, and rates tuned for SGD or SAM
+      do not carry over (tune the rate, or set ``normalize=False``).
     adaptive: ASAM neighbourhood.
     seed: seed of the initial eigenvector.
     batch_axis_name: mapped axis over which gradients and Hessian-vector
@@ -137,17 +141,18 @@ def xsam(
     >>> params = optax.apply_updates(params, updates)
   """
   _validation.check_transformation("optimizer", optimizer)
-  return optax.chain(
-      _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),
-      _correction.eigenvector_correction(
-          alpha,
-          update_every=update_every,
-          num_iters=num_iters,
-          method=method,
-          rule=rule,
-          normalize=normalize,
-          seed=seed,
-          batch_axis_name=batch_axis_name,
-      ),
-      _float_leaves.zero_integer_updates(optimizer),
+  correction = _correction.eigenvector_correction(
+      alpha,
+      update_every=update_every,
+      num_iters=num_iters,
+      method=method,
+      rule=rule,
+      normalize=normalize,
+      seed=seed,
+      batch_axis_name=batch_axis_name,
   )
+  return _tracking.with_schedule(optax.chain(
+      _sam.sam_ascent(rho, adaptive=adaptive, batch_axis_name=batch_axis_name),
+      correction,
+      _float_leaves.zero_integer_updates(optimizer),
+  ), _tracking.refresh_schedule(correction).update_every)

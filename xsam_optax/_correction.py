@@ -144,10 +144,11 @@ def eigenvector_correction(
   (where XLA runs a conditional's convolutions in a slow layout) by
   computing the refresh at every step and keeping it on refresh steps, so
   it costs what refreshing every step costs. To pay only for the refresh
-  steps everywhere, pass ``refresh=xsam_optax.refresh_due(step,
-  update_every)`` (a Python bool) from the training loop to a step jitted
-  with ``static_argnames="refresh"``: the two kinds of step compile
-  separately and neither has a ``cond``.
+  steps everywhere, pass ``refresh=schedule(step)`` (a Python bool, with
+  ``schedule = xsam_optax.refresh_schedule(tx)``, the period read from the
+  transform) from the training loop to a step jitted with
+  ``static_argnames="refresh"``: the two kinds of step compile separately
+  and neither has a ``cond``.
 
   **What a refresh multiplies by.** ``update`` accepts an optional
   ``curvature_fn(params, v) -> product`` used instead of the Hessian of
@@ -171,7 +172,10 @@ def eigenvector_correction(
       (:math:`\alpha c`) or a callable ``(cos, alpha) -> coefficient`` of
       :math:`v` to remove (name a callable in ``static_args`` of
       :func:`optax.inject_hyperparams`, as for ``method``).
-    normalize: drop the gradient's magnitude, as the reference does.
+    normalize: drop the gradient's magnitude, as the reference does: the
+      next transform gets a unit-length direction, so a base optimizer's
+      learning rate becomes a step length and rates tuned for SGD or SAM do
+      not carry over (tune it, or set ``normalize=False``).
     seed: seed of the initial random eigenvector.
     batch_axis_name: mapped axis over which to average the curvature
       products (pmap / shard_map).
@@ -221,6 +225,6 @@ def eigenvector_correction(
                              normalize=normalize)
     return corrected, _tracking.next_state(state, estimate, cos)
 
-  return _float_leaves.on_float_leaves(
+  return _tracking.with_schedule(_float_leaves.on_float_leaves(
       optax.GradientTransformationExtraArgs(init_fn, update_fn),
-      owner="eigenvector_correction")
+      owner="eigenvector_correction"), settings.update_every)

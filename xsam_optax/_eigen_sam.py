@@ -119,6 +119,6 @@ def eigen_sam_ascent(
     return adv_grads, _tracking.next_state(
         state, (eigenvector, eigenvalue, residual), cos)
 
-  return _float_leaves.on_float_leaves(
+  return _tracking.with_schedule(_float_leaves.on_float_leaves(
       optax.GradientTransformationExtraArgs(init_fn, update_fn),
-      owner="eigen_sam_ascent")
+      owner="eigen_sam_ascent"), settings.update_every)

@@ -12,6 +12,8 @@ import functools
 import inspect
 import numbers
 from typing import Any, NamedTuple, Optional, Union
+import warnings
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -85,8 +87,8 @@ def refresh_settings(update_every: int, num_iters: int, method: Method,
       batch_axis_name, checks_vector=False)
 
 
-def refresh_due(step: int, update_every: int = 2) -> bool:
-  """Whether ``step`` is a refresh step: the host's copy of the schedule.
+def refresh_due(step: int, update_every: Optional[int] = None) -> bool:
+  """Whether ``step`` is a refresh step of a transform with period ``update_every``.
 
   ``True`` at steps ``0, update_every, 2 * update_every, ...``: the steps on
   which the transforms refresh when ``update`` gets no ``refresh`` (the state's
@@ -98,11 +100,18 @@ def refresh_due(step: int, update_every: int = 2) -> bool:
   (XLA:CPU runs a conditional's convolutions in a slow layout), and
   accelerators run it under ``lax.cond`` (docs/performance.md).
 
+  ``update_every`` must be the transform's own period, which
+  :func:`refresh_schedule` reads from the transform:
+  ``refresh_schedule(tx)(step)`` is this function with the right period, and
+  cannot disagree with ``tx``.
+
   Args:
     step: the host's step counter, a non-negative Python or NumPy int (the
       number of ``update`` calls before this one).
-    update_every: the transform's refresh period (default 2, the
-      transforms' default).
+    update_every: the transform's refresh period. Leaving it out is
+      deprecated (a ``DeprecationWarning``): it then means 2, the transforms'
+      default, which silently disagrees with a transform built with another
+      ``update_every``.
 
   Returns:
     A Python bool.
@@ -112,6 +121,14 @@ def refresh_due(step: int, update_every: int = 2) -> bool:
     >>> [step for step in range(12) if xsam_optax.refresh_due(step, 5)]
     [0, 5, 10]
   """
+  if update_every is None:
+    warnings.warn(
+        "refresh_due(step) without update_every is deprecated: it assumes "
+        "period 2, whatever the transform's update_every. Use "
+        "xsam_optax.refresh_schedule(tx)(step), which reads the period from "
+        "the transform, or pass update_every.",
+        DeprecationWarning, stacklevel=2)
+    update_every = DEFAULT_UPDATE_EVERY
   _validation.check_int("update_every", update_every, minimum=1)
   if isinstance(step, jax.Array):
     try:
@@ -129,6 +146,88 @@ def refresh_due(step: int, update_every: int = 2) -> bool:
         f"step must be a non-negative int (the host's step counter), got "
         f"{step!r}.")
   return int(step) % update_every == 0
+
+
+# The transforms' default refresh period (the signatures' default; the
+# deprecated default of refresh_due).
+DEFAULT_UPDATE_EVERY = 2
+
+
+class RefreshSchedule(NamedTuple):
+  """The host's copy of a transform's refresh schedule (:func:`refresh_schedule`).
+
+  Calling it with the host's step counter gives ``refresh_due(step,
+  update_every)``.
+
+  Attributes:
+    update_every: the transform's refresh period.
+  """
+
+  update_every: int
+
+  def __call__(self, step: int) -> bool:
+    return refresh_due(step, self.update_every)
+
+
+# The refresh period of each transform built by eigenvector_correction,
+# eigen_sam_ascent or xsam, keyed by the transform's update function (static
+# settings, as a docstring is, not state: the state pytree holds arrays only,
+# and a period there would be traced under jit). Weak keys: an entry goes
+# with its transform.
+_PERIODS: "weakref.WeakKeyDictionary[Callable[..., Any], int]" = (
+    weakref.WeakKeyDictionary())
+
+
+def with_schedule(tx: optax.GradientTransformationExtraArgs,
+                  update_every: int) -> optax.GradientTransformationExtraArgs:
+  """``tx``, its refresh period recorded for :func:`refresh_schedule`."""
+  _PERIODS[tx.update] = update_every
+  return tx
+
+
+def refresh_schedule(tx: optax.GradientTransformation) -> RefreshSchedule:
+  """The host's refresh schedule of ``tx``, read from ``tx`` itself.
+
+  ``schedule = refresh_schedule(tx)``, then ``refresh=schedule(step)`` in the
+  training loop: the host refreshes exactly where ``tx`` would by itself,
+  whatever ``update_every`` it was built with, so the two cannot disagree
+  (``refresh_due(step)`` without the period assumes 2).
+
+  Args:
+    tx: a transform returned by :func:`xsam`, :func:`eigenvector_correction`
+      or :func:`eigen_sam_ascent`, not wrapped or chained further. For a chain
+      of your own, take the schedule of the eigen-tracking piece before
+      chaining it.
+
+  Returns:
+    A :class:`RefreshSchedule`: ``schedule(step)`` is a Python bool, and
+    ``schedule.update_every`` the period.
+
+  Raises:
+    ValueError: if ``tx`` is not such a transform (its period is unknown).
+
+  Examples:
+    >>> import optax, xsam_optax
+    >>> tx = xsam_optax.xsam(optax.sgd(0.1), update_every=5)
+    >>> schedule = xsam_optax.refresh_schedule(tx)
+    >>> [step for step in range(12) if schedule(step)]
+    [0, 5, 10]
+  """
+  update = getattr(tx, "update", None)
+  try:
+    period = _PERIODS.get(update) if update is not None else None
+  except TypeError:  # an update that cannot be weakly referenced
+    period = None
+  if period is None:
+    raise ValueError(
+        "tx must be a transform returned by xsam_optax.xsam, "
+        "eigenvector_correction or eigen_sam_ascent (not wrapped or chained "
+        f"further), got {type(tx).__name__}: its refresh period is unknown. "
+        "Take the schedule of the eigen-tracking piece before chaining it, "
+        "e.g. schedule = refresh_schedule(correction) with correction = "
+        "eigenvector_correction(...), or pass the period yourself: "
+        "refresh_due(step, update_every).")
+  return RefreshSchedule(period)
 
 
 # The state's residual when there is none: negative, as no norm is, and

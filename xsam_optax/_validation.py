@@ -219,6 +219,7 @@ def check_refresh(refresh: Any) -> Union[None, bool, jax.Array]:
     return bool(refresh) if isinstance(refresh, np.ndarray) else refresh
   raise ValueError(
       "refresh must be None (follow the schedule in the state), a Python "
-      "bool (the host's choice: xsam_optax.refresh_due(step, update_every)) "
+      "bool (the host's choice: xsam_optax.refresh_schedule(tx)(step), or "
+      "xsam_optax.refresh_due(step, update_every)) "
       f"or a boolean scalar array, got {refresh!r} "
       f"({type(refresh).__name__}).")

@@ -84,8 +84,9 @@ def make_optimizer(
   multiply by the Gauss-Newton matrix of the logits instead of the Hessian:
   cheaper per product, positive semi-definite, and for a loss convex in the
   outputs the Hessian without its second-order network terms. The returned
-  :class:`Optimizer` carries ``update_every`` as its ``refresh_every``, the
-  one place the host's schedule comes from. The transforms validate their
+  :class:`Optimizer` carries the transform's period
+  (:func:`xsam_optax.refresh_schedule`) as its ``refresh_every``, the one
+  place the host's schedule comes from. The transforms validate their
   own settings.
 
   Example:
@@ -111,8 +112,13 @@ def make_optimizer(
   if name == "xsam":
     tx = xsam_optax.xsam(base, rho=rho, alpha=alpha, rule=rule, normalize=normalize,
                          **tracking)
+    schedule = xsam_optax.refresh_schedule(tx)
   else:
-    tx = optax.chain(xsam_optax.eigen_sam_ascent(rho, alpha, **tracking), base)
+    ascent = xsam_optax.eigen_sam_ascent(rho, alpha, **tracking)
+    schedule = xsam_optax.refresh_schedule(ascent)
+    tx = optax.chain(ascent, base)
+  # The host's period is read from the transform, so the two cannot differ.
   # A refresh on every step leaves the host nothing to choose: one program,
   # no lax.cond either way.
-  return Optimizer(tx, update_every if update_every > 1 else None, curvature)
+  every = schedule.update_every
+  return Optimizer(tx, every if every > 1 else None, curvature)
