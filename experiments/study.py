@@ -118,6 +118,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "xsam_nn_pow": {**_XSAM, "normalize": False, "grid": "plain", **POWER},
     "xsam_si_pow": {**_XSAM, "rule": "sign_invariant", "grid": "normalised", **POWER},
     "eigensam_pow": {"name": "eigensam", "alpha": 0.2, "grid": "plain", **POWER},
+    # Per-group perturbations (m-sharpness): the batch of 128 as 4 groups of
+    # 32, each perturbed along its own gradient (xsam_optax.grouped_grad_fn),
+    # trained at the rate chosen for the global method ("rate_of"), every seed.
+    "sam_g4": {"name": "sam", "grid": "plain", "sam_groups": 4, "rate_of": "sam"},
+    "xsam_g4": {**_XSAM, "grid": "normalised", **LANCZOS, "sam_groups": 4, "rate_of": "xsam"},
 }
 DEFAULT_METHODS = tuple(METHODS)
 UPDATE_EVERY = 5
@@ -334,7 +339,7 @@ class Group:
     self._variables = {}
     state = self.init(args.seeds[0], 1.0)
     t0 = time.perf_counter()
-    step = loop.make_train_step(model, tx)
+    step = loop.make_train_step(model, tx, sam_groups=self.spec.get("sam_groups", 1))
     # X-SAM and Eigen-SAM: two compiled steps (refresh or not), picked by the
     # host; the alpha 0 control never refreshes (its eigenvector is unused).
     self.uses_refresh = self.spec["name"] in ("xsam", "eigensam")
@@ -536,10 +541,28 @@ def _total_correct(out: str, setting: str, method: str, lr: float, seeds) -> int
   return None if None in counts else sum(counts)
 
 
+def chosen_rate(out: str, setting: str, method: str, grid_seeds, max_extend: int) -> float | None:
+  """The rate :func:`run_group` chose for ``method``, from its runs on disk (``None``: none yet).
+
+  What a ``rate_of`` method trains at: the global method's choice, so the
+  two differ only in the perturbation.
+  """
+  def totals_of(lrs):
+    done = [lr for lr in lrs if all(
+        os.path.exists(os.path.join(out, run_name(setting, method, lr, s))) for s in grid_seeds)]
+    return {lr: _total_correct(out, setting, method, lr, grid_seeds) for lr in done}
+
+  if not totals_of(initial_grid(METHODS[method], setting)[:1]):
+    return None
+  return select_rate(initial_grid(METHODS[method], setting), totals_of, max_extend)[1]
+
+
 def run_group(args, setting: str, method: str, command: str, environment: dict) -> int:
   """Runs one (setting, method); returns the number of runs trained (existing ones skipped).
 
-  With ``--lrs``: exactly those rates for every seed. Otherwise the method's
+  With ``--lrs``: exactly those rates for every seed. A ``rate_of`` method
+  trains every seed at the rate chosen for that global method
+  (:func:`chosen_rate`). Otherwise the method's
   grid on ``--grid-seeds``, extended by a factor 2 beyond an edge while the
   best rate (:func:`best_rate`) sits on it (at most ``--max-extend`` times,
   :func:`select_rate`), then the remaining ``--seeds`` at the chosen rate.
@@ -562,6 +585,15 @@ def run_group(args, setting: str, method: str, command: str, environment: dict) 
     train(args.lrs, args.seeds)
     return trained
   grid_seeds = [s for s in args.seeds if s in args.grid_seeds] or args.seeds[:1]
+  if "rate_of" in METHODS[method]:
+    reference = METHODS[method]["rate_of"]
+    lr = chosen_rate(args.out, setting, reference, grid_seeds, args.max_extend)
+    if lr is None:
+      print(f"{setting} {method}: no chosen rate of {reference} on disk yet; skipped",
+            flush=True)
+      return trained
+    train([lr], args.seeds)
+    return trained
 
   def totals_of(lrs):
     train(lrs, grid_seeds)
@@ -580,7 +612,7 @@ def run_group(args, setting: str, method: str, command: str, environment: dict) 
 # core first on every setting, the reference-schedule duplicates last, so a
 # study stopped at its time budget misses the least important runs.
 PRIORITY = ("sam", "sgd", "xsam", "xsam_a0", "xsam_nn", "xsam_si", "eigensam", "xsam_pow",
-            "xsam_nn_pow", "xsam_si_pow", "eigensam_pow")
+            "xsam_nn_pow", "xsam_si_pow", "eigensam_pow", "sam_g4", "xsam_g4")
 
 
 def groups(args) -> list[tuple[str, str]]:

@@ -79,6 +79,11 @@ def sam_point(updates: _tree.PyTree, params: _tree.PyTree, rho, adaptive: bool) 
   return _tree.add_scaled(params, rho, direction)
 
 
+def _one_group(stacked: _tree.PyTree) -> _tree.PyTree:
+  """Shapes and dtypes of one group's tree (no slicing of a sharded group axis)."""
+  return jax.tree.map(lambda g: jax.ShapeDtypeStruct(g.shape[1:], g.dtype), stacked)
+
+
 def group_sam_points(grad_fn: _groups.GroupedGradFn, params: _tree.PyTree,
                      point_of: Callable[[_tree.PyTree], _tree.PyTree]) -> _tree.PyTree:
   """Each group's SAM point, stacked: ``point_of(g_i)`` for its gradient ``g_i``.
@@ -87,8 +92,7 @@ def group_sam_points(grad_fn: _groups.GroupedGradFn, params: _tree.PyTree,
   is mapped over the groups, so each group's norm and direction are its own.
   """
   stacked = grad_fn.per_group(params)
-  _tree.check_same_structure(params, jax.tree.map(lambda g: g[0], stacked),
-                             what="grad_fn.per_group")
+  _tree.check_same_structure(params, _one_group(stacked), what="grad_fn.per_group")
   return jax.vmap(point_of)(stacked)
 
 
@@ -97,8 +101,7 @@ def grouped_sam_gradient(grad_fn: _groups.GroupedGradFn, points: _tree.PyTree,
                          ) -> _tree.PyTree:
   """The mean over groups of each group's gradient at its own point (finished)."""
   stacked = grad_fn.at(points)
-  _tree.check_same_structure(params, jax.tree.map(lambda g: g[0], stacked),
-                             what="grad_fn.at")
+  _tree.check_same_structure(params, _one_group(stacked), what="grad_fn.at")
   return finish_sam_gradient(_groups.group_mean(stacked, params), params,
                              batch_axis_name)
 
