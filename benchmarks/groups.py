@@ -3,10 +3,11 @@
 Two measurements, no timing:
 
 * ``flops``: XLA's FLOP count (``cost_analysis()["flops"]`` of the compiled
-  program) of the whole training step of ``xsam-train`` on the MNIST-1D CNN
-  (batch 128), SAM and X-SAM (power, one product; both refresh paths), with
-  one global perturbation and with the batch as 4 groups of 32
-  (:func:`xsam_optax.grouped_grad_fn`).
+  program) of a training step on the MNIST-1D CNN (batch 128), SAM and X-SAM
+  (power, one product; both refresh paths), with one global perturbation and
+  with the batch as 4 groups of 32 (:func:`xsam_optax.grouped_grad_fn`): the
+  step the guide writes (incoming gradient ``grad_fn(params)``) and
+  ``xsam-train``'s step.
 * ``collectives``: on 8 simulated CPU devices (a fresh process with
   ``--xla_force_host_platform_device_count=8``), a ``jax.jit`` step of SAM
   and of X-SAM on a tanh MLP whose batch is sharded over a 1-D ``data`` mesh
@@ -50,28 +51,50 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   return counts
 
 
-def flops() -> dict[str, float]:
-  """FLOPs of the compiled training steps, by (optimizer, groups, refresh)."""
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def flops() -> dict[str, dict[str, float]]:
+  """FLOPs of compiled steps on the MNIST-1D CNN, by (optimizer, groups, refresh).
+
+  ``user_step``: the step the guide writes, the incoming gradient being
+  ``grad_fn(params)`` (BatchNorm in training mode, running statistics
+  dropped). ``xsam_train_step``: ``xsam-train``'s step, which also takes its
+  loss, metrics and running statistics from a whole-batch pass.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  import xsam_optax  # pylint: disable=g-import-not-at-top
   from xsam_optax.train import data, loop, models, optimizers  # pylint: disable=g-import-not-at-top
 
   dataset = data.load_dataset("mnist1d")
   x, y = np.asarray(dataset.x_train[:128]), np.asarray(dataset.y_train[:128])
   model = models.make_model("cnn", num_classes=dataset.num_classes)
-  out = {}
+  train_loss = loop.make_train_loss(model)
+  out = {"user_step": {}, "xsam_train_step": {}}
   for name in ("sam", "xsam"):
     for groups in (1, 4):
       opt = optimizers.make_optimizer(name, learning_rate=0.1, sam_groups=groups)
       state = loop.init_state(model, opt.tx, x, seed=0)
+      refreshes = (None,) if opt.refresh_every is None else (True, False)
+
+      def user_step(params, opt_state, stats, xb, yb, refresh, groups=groups, tx=opt.tx):
+        loss = lambda p, b: train_loss(p, stats, *b)[0]
+        grad_fn = (jax.grad(lambda p: loss(p, (xb, yb))) if groups == 1
+                   else xsam_optax.grouped_grad_fn(loss, (xb, yb), groups))
+        extra = {} if refresh is None else {"refresh": refresh}
+        return tx.update(grad_fn(params), opt_state, params, grad_fn=grad_fn, **extra)
+
       step = jax.jit(loop.make_train_step(model, opt.tx, sam_groups=groups),
                      static_argnames="refresh")
-      for refresh in ((None,) if opt.refresh_every is None else (True, False)):
-        compiled = step.lower(state, x, y, refresh=refresh).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        out[f"{name} groups={groups} refresh={refresh}"] = float(cost["flops"])
+      for refresh in refreshes:
+        key = f"{name} groups={groups} refresh={refresh}"
+        out["user_step"][key] = _flops(jax.jit(user_step, static_argnums=5).lower(
+            state.params, state.opt_state, state.batch_stats, x, y, refresh).compile())
+        out["xsam_train_step"][key] = _flops(step.lower(state, x, y, refresh=refresh).compile())
   return out
 
 
