@@ -197,33 +197,33 @@ RHO_SCHEDULE = optax.linear_schedule(0.0, 0.2, 2)
 ALPHA_SCHEDULE = optax.linear_schedule(0.5, 0.1, 2)
 
 
+def make(name, rho, alpha, inject=False):
+  """The transform ``name`` with these rho and alpha, or through inject_hyperparams."""
+  static = ("update_every", "num_iters", "seed")
+  if name == "sam":
+    factory = optax.inject_hyperparams(xsam_optax.sam) if inject else xsam_optax.sam
+    return factory(optax.sgd(LR), rho=rho)
+  if name == "xsam":
+    factory = (optax.inject_hyperparams(xsam_optax.xsam, static_args=static) if inject
+               else xsam_optax.xsam)
+    return factory(optax.sgd(LR), rho=rho, alpha=alpha, update_every=1)
+  factory = (optax.inject_hyperparams(xsam_optax.eigen_sam_ascent, static_args=static)
+             if inject else xsam_optax.eigen_sam_ascent)
+  return optax.chain(factory(rho, alpha, update_every=1), optax.sgd(LR))
+
+
 @pytest.mark.parametrize("name", ["sam", "xsam", "eigen_sam_ascent"])
 def test_schedules_equal_inject_hyperparams(problem, name):
   params, loss, batch = problem
   grad_fn = jax.grad(lambda p: loss(p, batch))
-  if name == "sam":
-    scheduled = xsam_optax.sam(optax.sgd(LR), rho=RHO_SCHEDULE)
-    injected = optax.inject_hyperparams(xsam_optax.sam)(optax.sgd(LR), rho=RHO_SCHEDULE)
-  elif name == "xsam":
-    scheduled = xsam_optax.xsam(optax.sgd(LR), rho=RHO_SCHEDULE, alpha=ALPHA_SCHEDULE,
-                                update_every=1)
-    injected = optax.inject_hyperparams(
-        xsam_optax.xsam, static_args=("update_every", "num_iters", "seed"))(
-        optax.sgd(LR), rho=RHO_SCHEDULE, alpha=ALPHA_SCHEDULE, update_every=1)
-  else:
-    scheduled = optax.chain(xsam_optax.eigen_sam_ascent(RHO_SCHEDULE, ALPHA_SCHEDULE,
-                                                        update_every=1), optax.sgd(LR))
-    injected = optax.chain(optax.inject_hyperparams(
-        xsam_optax.eigen_sam_ascent, static_args=("update_every", "num_iters", "seed"))(
-            RHO_SCHEDULE, ALPHA_SCHEDULE, update_every=1), optax.sgd(LR))
-  got = run_steps(scheduled, params, grad_fn)
-  np.testing.assert_allclose(got, run_steps(injected, params, grad_fn), rtol=1e-12, atol=1e-14)
-  # The schedule mattered: rho 0 at step 0 is plain SGD's step.
-  sgd = flat(params) - LR * flat(grad_fn(params))
-  if name == "sam":
-    np.testing.assert_allclose(got[0], sgd, rtol=1e-12)
-  assert not np.allclose(got, run_steps(xsam_optax.sam(optax.sgd(LR), rho=0.2) if name == "sam"
-                                        else scheduled, params, grad_fn)[::-1])
+  got = run_steps(make(name, RHO_SCHEDULE, ALPHA_SCHEDULE), params, grad_fn)
+  want = run_steps(make(name, RHO_SCHEDULE, ALPHA_SCHEDULE, inject=True), params, grad_fn)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+  # The schedules matter: step 0 is the step at rho 0 and alpha 0.5, not at
+  # the values they reach later.
+  np.testing.assert_allclose(got[0], run_steps(make(name, 0.0, 0.5), params, grad_fn, 1)[0],
+                             rtol=1e-12)
+  assert not np.allclose(got[0], run_steps(make(name, 0.2, 0.1), params, grad_fn, 1)[0])
 
 
 def test_a_number_keeps_the_empty_state_and_a_schedule_counts(problem):
@@ -238,7 +238,7 @@ def test_a_negative_or_non_finite_scheduled_rho_acts_as_zero(problem, value):
   params, loss, batch = problem
   grad_fn = jax.grad(lambda p: loss(p, batch))
   got, state = step(xsam_optax.sam(optax.sgd(LR), rho=lambda count: jnp.float64(value)),
-                    params, grad_fn, jit=False)
+                    params, grad_fn)
   np.testing.assert_allclose(flat(got), -LR * flat(grad_fn(params)), rtol=1e-12)
   assert int(state[0].count) == 1
 
@@ -247,7 +247,7 @@ def test_a_negative_scheduled_alpha_removes_nothing(problem):
   params, loss, batch = problem
   grad_fn = jax.grad(lambda p: loss(p, batch))
   tx = xsam_optax.eigenvector_correction(lambda count: -1.0, update_every=1)
-  got, _ = step(tx, params, grad_fn, jit=False)
+  got, _ = step(tx, params, grad_fn)
   g = flat(grad_fn(params))
   np.testing.assert_allclose(flat(got), g / np.linalg.norm(g), rtol=1e-12)
 
