@@ -76,6 +76,12 @@ def parse_args():
   parser.add_argument("--method", default="lanczos",
                       help="estimator name for xsam(method=...); "
                            "xsam names the valid ones on a bad value")
+  parser.add_argument("--sam-groups", type=int, default=1,
+                      help="perturb this many equal groups of the global batch "
+                           "each along its own gradient (xsam_optax."
+                           "grouped_grad_fn); a multiple of the data axis "
+                           "puts whole groups on each device. Default 1: one "
+                           "global perturbation")
   parser.add_argument("--check", action="store_true",
                       help="compare with one device on the whole batch; "
                       "exit with 1 beyond float32 rounding noise")
@@ -247,7 +253,10 @@ def one_device_run(args, train_step, next_batch, initial, tx, seed=None):
   if seed is not None:
     rng = np.random.default_rng(seed)
     units = rng.permutation(args.hidden)
-    rows = rng.permutation(args.batch_size)
+    # Rows permuted within each group: the groups stay the same sets.
+    size = args.batch_size // args.sam_groups
+    rows = np.concatenate([g * size + rng.permutation(size)
+                           for g in range(args.sam_groups)])
     permute = unit_permutation(units)
     params = jax.tree.map(lambda f, x: f(x), permute, params)
     opt_state = optax.tree_map_params(tx, lambda x, f: f(x), opt_state,
@@ -392,9 +401,13 @@ def main():
   @jax.jit
   def train_step(params, opt_state, batch):
     batch_loss = lambda p: loss_fn(p, batch)
-    loss, grads = jax.value_and_grad(batch_loss)(params)
-    updates, opt_state = tx.update(grads, opt_state, params,
-                                   grad_fn=jax.grad(batch_loss))
+    if args.sam_groups == 1:
+      loss, grads = jax.value_and_grad(batch_loss)(params)
+      grad_fn = jax.grad(batch_loss)
+    else:  # Each group's SAM point from its own rows: no collective first.
+      grad_fn = xsam_optax.grouped_grad_fn(loss_fn, batch, args.sam_groups)
+      loss, grads = batch_loss(params), grad_fn(params)
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
     return optax.apply_updates(params, updates), opt_state, loss
 
   checkpoints, start = None, None

@@ -71,6 +71,10 @@ SAME_RULE = {"xsam_pow": "xsam", "xsam_si_pow": "xsam_si", "xsam_nn_pow": "xsam_
 # Methods on the plain grid (step lr * ||g||) and on the normalised grid (step lr).
 PLAIN = ("sgd", "sam", "xsam_nn", "eigensam", "xsam_nn_pow", "eigensam_pow")
 ALPHA, POWER = 0.05, 0.8
+# Per-group perturbations (m-sharpness): each against its global method, at the
+# global method's chosen rate, in a family of its own.
+GROUPED = {"sam_g4": "sam", "xsam_g4": "xsam"}
+GROUPED_LABELS = {"sam_g4": "SAM, 4 groups of 32", "xsam_g4": "X-SAM reference, 4 groups of 32"}
 FIGURES = ("grid.png", "effects.png", "tuned.png")
 
 
@@ -349,10 +353,13 @@ class Analysis(NamedTuple):
   # {(setting, method): Comparison} of a method with a rate_of against that
   # method at the same rate (another eigenvector schedule), Holm over all.
   vs_source: dict = {}
+  grouped: dict = {}  # {(setting, method): GroupedCell}, the GROUPED methods
 
 
 def analyse(runs, first_seeds: int = 5) -> Analysis:
-  """Every number of the page."""
+  """Every number of the page (the ``GROUPED`` methods in ``grouped`` only)."""
+  grouped_runs = [r for r in runs if r["method"] in GROUPED]
+  runs = [r for r in runs if r["method"] not in GROUPED]
   t = tuned(runs)
   vs_sam, vs_ctl, eig, first = {}, {}, {}, {}
   for s, cells in t.items():
@@ -379,7 +386,79 @@ def analyse(runs, first_seeds: int = 5) -> Analysis:
     config.setdefault(r["setting"], r["config"])
   seeds = {(s, m): sorted(res) for s, cells in t.items() for m, (_, res) in cells.items()}
   return Analysis(grid(runs), t, with_holm(vs_sam), with_holm(vs_ctl), eig, with_holm(first),
-                  config, seeds, with_holm(vs_src))
+                  config, seeds, with_holm(vs_src), grouped_analysis(t, grouped_runs))
+
+
+class GroupedCell(NamedTuple):
+  """A per-group method against its global method, paired by seed."""
+
+  lr: float
+  accuracy: Comparison  # test accuracy (pp), Holm over the grouped family
+  eigenvalue: Comparison  # lambda_max (descriptive)
+  means: tuple[float, float]  # mean test accuracy (%): grouped, global
+
+
+def grouped_analysis(t, grouped_runs) -> dict[tuple[str, str], GroupedCell]:
+  """``{(setting, method): GroupedCell}`` for the ``GROUPED`` methods' runs.
+
+  Only runs at the global method's chosen rate (``t``, from :func:`tuned`)
+  count; the family of the Holm adjustment is these comparisons alone.
+  """
+  by: dict = {}
+  for r in grouped_runs:
+    by.setdefault((r["setting"], r["method"]), {}).setdefault(r["peak_lr"], {})[
+        r["seed"]] = r["results"]
+  cells, accuracy = {}, {}
+  for (s, m), by_lr in sorted(by.items()):
+    reference = t.get(s, {}).get(GROUPED[m])
+    if reference is None or reference[0].lr not in by_lr:
+      continue
+    choice, ref = reference
+    res = by_lr[choice.lr]
+    accuracy[s, m] = compare(res, ref, "test_accuracy", 100)
+    seeds = sorted(set(res) & set(ref))
+    cells[s, m] = (choice.lr, compare(res, ref, "top_eigenvalue"),
+                   (100 * float(np.mean([res[k]["test_accuracy"] for k in seeds])),
+                    100 * float(np.mean([ref[k]["test_accuracy"] for k in seeds]))))
+  accuracy = with_holm(accuracy)
+  return {k: GroupedCell(lr, accuracy[k], eig, means)
+          for k, (lr, eig, means) in cells.items()}
+
+
+def grouped_lines(cells: dict[tuple[str, str], GroupedCell]) -> list[str]:
+  """The page's section on per-group perturbations (empty without runs)."""
+  if not cells:
+    return []
+  L = ["## Per-group perturbations (m-sharpness)", "",
+       "SAM as pods run it per device: the batch of 128 split into 4 groups of 32, each "
+       "perturbed along its own gradient (`xsam_optax.grouped_grad_fn`, "
+       "`xsam-train --sam-groups 4`), against the same method with one global perturbation. "
+       "Each grouped method trains at the rate chosen for its global method (no grid of its "
+       "own: the two differ only in the perturbation), on every seed the global method has "
+       "there, paired by seed. With BatchNorm each group's gradients use its own statistics, "
+       "as per-device BatchNorm does. Δ = grouped minus global; Holm's adjustment is over "
+       "these comparisons only.", "",
+       "| setting | method | lr | test acc. grouped / global (%) | Δ (pp) [95% CI] | MDE (pp) "
+       "| p | Holm p | W/T/L | Δ lambda_max [95% CI] |",
+       "|---|---|---|---|---|---|---|---|---|---|"]
+  for (s, m), c in cells.items():
+    acc = c.accuracy
+    L.append(f"| {SHORT_SETTING.get(s, s)} | {GROUPED_LABELS.get(m, m)} | {c.lr:g} | "
+             f"{c.means[0]:.2f} / {c.means[1]:.2f} | {_ci(acc)} | {acc.mde:.2f} | {_p(acc.p)} "
+             f"| {_p(acc.p_holm)} | {_wtl(acc)} | {_ci(c.eigenvalue, '{:+.3g}')} |")
+  found = []
+  for (s, m), c in cells.items():
+    acc = c.accuracy
+    if acc.p_holm < ALPHA:
+      found.append(f"{GROUPED_LABELS.get(m, m)} ({SHORT_SETTING.get(s, s)}) differs from the "
+                   f"global perturbation by {acc.mean:+.2f} pp after Holm's correction")
+    else:
+      found.append(f"{GROUPED_LABELS.get(m, m)} ({SHORT_SETTING.get(s, s)}): no difference "
+                   f"detected ({acc.n} seeds, Holm p {_p(acc.p_holm)}); a true difference "
+                   f"below {acc.mde:.2f} pp could go undetected (MDE, 80% power)")
+  L += ["", "What this shows: " + "; ".join(found) + ". One setting, one group size: it says "
+        "nothing about other models, batch sizes or group sizes.", ""]
+  return L
 
 
 def _pm(values, fmt) -> str:
@@ -734,6 +813,9 @@ def format_page(a: Analysis, runs, figures: str = "../experiments/results") -> s
   add(["## Conclusions", ""] + conclusions(a) + [""])
 
   add(["## Changes from the 5-seed version", ""] + changes(a) + [""])
+
+  # ------------------------------------------------------------------ per-group perturbations
+  add(grouped_lines(a.grouped))
 
   # ------------------------------------------------------------------ reproduce
   commands = sorted({r["command"] for r in runs})

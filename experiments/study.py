@@ -125,6 +125,11 @@ METHODS: dict[str, dict[str, Any]] = {
     # "rate_of"): no grid of its own, every seed at that rate, so the two
     # estimator schedules are compared at one rate, paired by seed.
     "xsam_default": {**_XSAM, "grid": "normalised", "rate_of": "xsam", **DEFAULTS},
+    # Per-group perturbations (m-sharpness): the batch of 128 as 4 groups of
+    # 32, each perturbed along its own gradient (xsam_optax.grouped_grad_fn),
+    # trained at the rate chosen for the global method ("rate_of"), every seed.
+    "sam_g4": {"name": "sam", "grid": "plain", "sam_groups": 4, "rate_of": "sam"},
+    "xsam_g4": {**_XSAM, "grid": "normalised", **LANCZOS, "sam_groups": 4, "rate_of": "xsam"},
 }
 DEFAULT_METHODS = tuple(METHODS)
 UPDATE_EVERY = 5
@@ -346,7 +351,7 @@ class Group:
     self._variables = {}
     state = self.init(args.seeds[0], 1.0)
     t0 = time.perf_counter()
-    step = loop.make_train_step(model, tx)
+    step = loop.make_train_step(model, tx, sam_groups=self.spec.get("sam_groups", 1))
     # X-SAM and Eigen-SAM: two compiled steps (refresh or not), picked by the
     # host; the alpha 0 control never refreshes (its eigenvector is unused).
     self.uses_refresh = self.spec["name"] in ("xsam", "eigensam")
@@ -611,7 +616,8 @@ class _Trainer:
 # core first on every setting, the reference-schedule duplicates last, so a
 # study stopped at its time budget misses the least important runs.
 PRIORITY = ("sam", "sgd", "xsam", "xsam_a0", "xsam_nn", "xsam_si", "eigensam", "xsam_pow",
-            "xsam_nn_pow", "xsam_si_pow", "eigensam_pow", "xsam_default")
+            "xsam_nn_pow", "xsam_si_pow", "eigensam_pow", "xsam_default",
+            "sam_g4", "xsam_g4")
 
 
 def groups(args) -> list[tuple[str, str]]:

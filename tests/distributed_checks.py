@@ -403,6 +403,87 @@ class Timer:
                     "cpu": round(cpu - self.start[1], 2)}
 
 
+# ---------------------------------------------------------------------------
+# Per-group perturbations: one group per device.
+
+_ALL_REDUCE = re.compile(r"[\s)}]all-reduce(?:-start)?\(")
+
+
+def make_grouped_step(loss, tx, batch_axis_name=None):
+  """X-SAM with NUM_DEVICES groups: grouped_grad_fn, or under pmap the local batch.
+
+  Under pmap each device's batch is one group: the incoming gradient is the
+  local one (not averaged), so the SAM point is the device's own, and the
+  transform averages the gradients at the points over ``batch_axis_name``.
+  """
+
+  def step(params, state, batch):
+    if batch_axis_name is None:
+      grad_fn = xsam_optax.grouped_grad_fn(loss, batch, NUM_DEVICES)
+      value, grads = loss(params, batch), grad_fn(params)
+    else:
+      grad_fn = jax.grad(lambda p: loss(p, batch))
+      value, grads = jax.value_and_grad(loss)(params, batch)
+      value = jax.lax.pmean(value, batch_axis_name)
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state, value, updates
+
+  return step
+
+
+def sam_point_all_reduces(params, batch, groups):
+  """All-reduces in the compiled program of sam_ascent's SAM point(s)."""
+  from xsam_optax import _ascent  # pylint: disable=g-import-not-at-top
+
+  def points(p, b):
+    point_of = lambda u: _ascent.sam_point(u, p, 0.05, False)
+    if groups == 1:
+      return point_of(jax.grad(make_loss())(p, b))
+    grad_fn = xsam_optax.grouped_grad_fn(make_loss(), b, groups)
+    return _ascent.group_sam_points(grad_fn, p, point_of)
+
+  hlo = jax.jit(points).lower(params, batch).compile().as_text()
+  return len(_ALL_REDUCE.findall(hlo))
+
+
+def check_groups(params, batch):
+  """One group per device (sharded jit, pmap) against one device computing the groups."""
+  tx = make_tx("power")
+  loss = make_loss()
+  trace, ref_params, _, _ = run_steps(jax.jit(make_grouped_step(loss, tx)), params,
+                                   tx.init(params), batch)
+  global_trace, _, _, _ = run_steps(jax.jit(make_step(loss, tx)), params,
+                                 tx.init(params), batch)
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    sparams = jax.device_put(params, NamedSharding(mesh, P()))
+    sbatch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    sharded = run_steps(jax.jit(make_grouped_step(loss, tx)), sparams,
+                        jax.jit(tx.init)(sparams), sbatch)
+    reduces = {groups: sam_point_all_reduces(sparams, sbatch, groups)
+               for groups in (1, NUM_DEVICES)}
+  pmap = functools.partial(jax.pmap, axis_name="batch",
+                           devices=jax.devices()[:NUM_DEVICES])
+  pparams, pbatch = pmap(lambda tree: tree)((
+      jax.tree.map(lambda x: jnp.broadcast_to(x, (NUM_DEVICES,) + x.shape), params),
+      jax.tree.map(lambda x: x.reshape((NUM_DEVICES, -1) + x.shape[1:]), batch)))
+  ptx = make_tx("power", batch_axis_name="batch")
+  ptrace, pnew, _, _ = run_steps(pmap(make_grouped_step(loss, ptx, "batch")), pparams,
+                                 pmap(ptx.init)(pparams), pbatch)
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  return {
+      "sharded_jit": {**compare(sharded[0], trace, sharded[1], ref_params),
+                      "compiles_after_first_step": sharded[3]},
+      "pmap": {**compare([first(t) for t in ptrace], trace, first(pnew), ref_params),
+               "replica_spread": max(float(np.max(np.abs(a - a[:1])))
+                                     for t in ptrace for a in to_numpy(t))},
+      # Control: the groups change the update (the comparison is not vacuous).
+      "grouped_vs_global_updates": max(rel_err(t["updates"], g["updates"])
+                                       for t, g in zip(trace, global_trace)),
+      "sam_point_all_reduces": {"global": reduces[1], "grouped": reduces[NUM_DEVICES]},
+  }
+
+
 def main():
   if jax.device_count() < NUM_DEVICES:
     raise SystemExit(f"need {NUM_DEVICES} devices, have {jax.devices()}; "
@@ -424,6 +505,7 @@ def main():
       "all_gather_detection": lambda: check_all_gather_detection(params,
                                                                  batch),
       "explicit_mesh": lambda: check_explicit_mesh(params, batch, reference),
+      "groups": lambda: check_groups(params, batch),
   }
   for name, check in checks.items():
     with Timer() as timer:

@@ -19,6 +19,7 @@ sys.path.insert(0, BENCHMARKS)
 
 import _schedules  # noqa: E402  pylint: disable=wrong-import-position
 import compile_time  # noqa: E402  pylint: disable=wrong-import-position
+import groups  # noqa: E402  pylint: disable=wrong-import-position
 import report  # noqa: E402  pylint: disable=wrong-import-position
 import step_overhead  # noqa: E402  pylint: disable=wrong-import-position
 from _steps import Row  # noqa: E402  pylint: disable=wrong-import-position
@@ -120,3 +121,35 @@ def test_compile_time_smoke(tmp_path):
   contrib = {r["leaves"]: r["hlo_instructions"] for r in rows
              if r["candidate"] == "contrib.sam"}
   assert contrib[large] > contrib[small]
+
+
+def test_collective_count_reads_tuple_and_async_all_reduces():
+  hlo = ("%all-reduce.1 = f32[4]{0} all-reduce(f32[4]{0} %x), to_apply=%add\n"
+         "%ar = (f32[2,3]{1,0}, f32[]) all-reduce(f32[2,3]{1,0} %a, f32[] %b)\n"
+         "%s = (f32[2]{0}, f32[2]{0}) all-reduce-start(f32[2]{0} %c)\n"
+         "%d = f32[2]{0} all-reduce-done(%s)\n"
+         "%g = f32[8]{0} all-gather(f32[1]{0} %e), dimensions={0}\n"
+         "%f = f32[] add(f32[] %all-reduce.1, f32[] %b)")
+  assert groups.count_collectives(hlo) == {"all-reduce": 3, "all-gather": 1}
+
+
+def test_guide_states_the_committed_group_costs():
+  """The guide's FLOP ratios and all-reduce counts are those of the results file."""
+  with open(os.path.join(BENCHMARKS, "results", "groups-cpu2.json"), encoding="utf-8") as f:
+    res = json.load(f)
+  with open(os.path.join(BENCHMARKS, os.pardir, "docs", "guide.md"), encoding="utf-8") as f:
+    guide = " ".join(f.read().split())
+  user, cli = res["flops"]["user_step"], res["flops"]["xsam_train_step"]
+  mega = lambda x: f"{x / 1e6:.1f} M"
+  for name, refresh in (("sam", None), ("xsam", False), ("xsam", True)):
+    grouped = user[f"{name} groups=4 refresh={refresh}"]
+    global_ = user[f"{name} groups=1 refresh={refresh}"]
+    assert f"{mega(grouped)} against {mega(global_)} (x{grouped / global_:.3f})" in guide
+    assert grouped / global_ < 1.05  # the shared gradient is computed once
+  ratio = cli["sam groups=4 refresh=None"] / cli["sam groups=1 refresh=None"]
+  assert f"SAM x{ratio:.2f}" in guide
+  c = res["collectives"]
+  assert (c["sam groups=1"]["sam_point"], c["sam groups=8"]["sam_point"]) == (1, 0)
+  assert (f"a whole SAM step has {c['sam groups=1']['step']} and {c['sam groups=8']['step']}, "
+          f"an X-SAM step refreshing its eigenvector {c['xsam groups=1']['step']} and "
+          f"{c['xsam groups=8']['step']}") in guide

@@ -17,8 +17,8 @@ PACKAGE = os.path.join(ROOT, "xsam_optax")
 LAYERS = {
     "_validation": 0, "_tree": 0,
     "_hvp": 1, "_gauss_newton": 1, "_finite_difference": 1, "_estimators": 1,
-    "_accumulate": 1, "_float_leaves": 1,
-    "_tracking": 2, "_ascent": 2,
+    "_groups": 1,
+    "_accumulate": 2, "_float_leaves": 2, "_tracking": 2, "_ascent": 2,
     "_sam": 3, "_correction": 3, "_eigen_sam": 3,
     "_alias": 4,
 }

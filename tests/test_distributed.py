@@ -180,3 +180,24 @@ def test_pmap_training_example_runs(scripts):
   assert all(float(e) != 0.0 for _, _, e in steps)
   spread = float(re.search(r"between replicas: (\S+)", out).group(1))
   assert spread < 1e-6
+
+
+def test_one_group_per_device_equals_one_device_computing_the_groups(results):
+  # grouped_grad_fn(loss, batch, 8) on a mesh sharding the batch over 8
+  # devices, and pmap with each device's local gradient as the incoming one,
+  # both equal one device computing the 8-group formula.
+  res = results["groups"]
+  for name in ("sharded_jit", "pmap"):
+    for quantity in ("updates", "eigenvector", "eigenvalue", "params", "loss"):
+      assert res[name][quantity] < RTOL, (name, quantity, res[name][quantity])
+    assert res[name]["cos_angle"] < RTOL
+  assert res["sharded_jit"]["compiles_after_first_step"] == 0
+  assert res["pmap"]["replica_spread"] < 1e-6
+  # Not vacuous: 8 groups give another update than the global perturbation.
+  assert res["grouped_vs_global_updates"] > 1e-3
+
+
+def test_one_group_per_device_needs_no_collective_before_the_sam_point(results):
+  counts = results["groups"]["sam_point_all_reduces"]
+  assert counts["grouped"] == 0
+  assert counts["global"] >= 1  # control: the global point sums gradients across devices

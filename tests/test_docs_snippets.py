@@ -347,6 +347,33 @@ def _():
 @GUIDE.register(COMPOSING, 7)
 def _():
   def setup():
+    return classifier_namespace()
+
+  def check(before, ns):
+    # The schedules equal inject_hyperparams with the same ones, step by step.
+    params, tx = before["params"], ns["tx"]
+    injected = optax.inject_hyperparams(
+        xsam_optax.xsam, static_args=("update_every", "num_iters", "seed"))(
+            optax.sgd(0.1), rho=ns["warmup"], alpha=optax.linear_schedule(0.0, 0.2, 100))
+    grad_fn = jax.grad(lambda p: before["loss_fn"](p, before["batch"]))
+
+    def three_steps(t):
+      p, state = params, t.init(params)
+      step = jax.jit(lambda p, s: t.update(grad_fn(p), s, p, grad_fn=grad_fn))
+      for _ in range(3):
+        updates, state = step(p, state)
+        p = optax.apply_updates(p, updates)
+      return p
+
+    got, want = three_steps(tx), three_steps(injected)
+    np.testing.assert_allclose(ravel_pytree(got)[0], ravel_pytree(want)[0], rtol=1e-6)
+    assert leaves_differ(got, params)
+  return setup, check
+
+
+@GUIDE.register(COMPOSING, 8)
+def _():
+  def setup():
     return dict(z=jnp.array([1.0 + 2.0j, -0.5j], jnp.complex64),
                 target=jnp.array([0.0, 1.0 + 1.0j], jnp.complex64))
 
@@ -424,6 +451,47 @@ def _():
     assert float(ns["loss_fn"](ns["params"])) < 1e-3 * start
     np.testing.assert_allclose(_eigenvalue(ns["opt_state"]), top, rtol=1e-3)
     assert ns["schedule"] == xsam_optax.RefreshSchedule(2)
+  return setup, check
+
+
+@GUIDE.register("Per-device perturbations", 0)
+def _():
+  def setup():
+    return classifier_namespace()
+
+  def check(before, ns):
+    # One step equals a plain restatement: each group's SAM point, the mean of
+    # the groups' gradients there, X-SAM's correction of that mean.
+    params, opt_state = ns["train_step"](before["params"], ns["opt_state"], before["batch"])
+    assert leaves_differ(params, before["params"])
+    loss_fn, batch = before["loss_fn"], before["batch"]
+    grads = []
+    for i in range(4):
+      group = jax.tree.map(lambda x, i=i: x[i * 12:(i + 1) * 12], batch)
+      g = jax.grad(loss_fn)(before["params"], group)
+      unit = optax.tree.scale(1 / optax.tree.norm(g), g)
+      grads.append(jax.grad(loss_fn)(optax.tree.add_scale(before["params"], 0.05, unit),
+                                     group))
+    g_adv = ravel_pytree(jax.tree.map(lambda *g: sum(g) / 4, *grads))[0]
+    v = ravel_pytree(optax.tree.get(opt_state, "eigenvector"))[0]
+    g_hat = g_adv / jnp.linalg.norm(g_adv)
+    want = ravel_pytree(before["params"])[0] - 0.1 * (g_hat - 0.2 * jnp.abs(g_hat @ v) * v)
+    np.testing.assert_allclose(ravel_pytree(params)[0], want, rtol=2e-4, atol=2e-6)
+  return setup, check
+
+
+@GUIDE.register("Per-device perturbations", 1)
+def _():
+  def setup():
+    return classifier_namespace()
+
+  def check(before, ns):
+    # On one device the local gradient is the whole batch's: the global step.
+    replicate = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
+    params, _ = ns["train_step"](replicate(before["params"]),
+                                 replicate(ns["tx"].init(before["params"])),
+                                 replicate(before["batch"]))
+    assert leaves_differ(jax.tree.map(lambda x: x[0], params), before["params"])
   return setup, check
 
 

@@ -8,7 +8,8 @@ what a job with one process per host does. Checked here:
 
 - with ``--check``, process 0 compares the result with one device on the
   whole batch and fails beyond float32 rounding noise (measured in the same
-  run by reordering the sums of the one-device run);
+  run by reordering the sums of the one-device run), and so does a run with
+  per-group perturbations, one group per process (``--sam-groups 2``);
 - Orbax checkpoints written by both processes, restored into a fresh pair of
   processes, continue bit-identically (a pre-empted job resumed);
 - a coordinator that never answers fails a process within its
@@ -137,6 +138,23 @@ def test_two_processes_match_one_device_on_the_whole_batch(jobs):
   assert len(eigenvalues) == STEPS
   assert eigenvalues[4] != eigenvalues[5] and min(map(abs, eigenvalues)) > 0.1
   assert "eigenvector sharded like the parameters: True" in output
+
+
+def test_two_processes_with_one_group_each_match_one_device():
+  """Per-group perturbations (grouped_grad_fn, 2 groups on a data axis of 2):
+  each process's SAM point is its own group's, and the run equals one device
+  computing the two groups, within the float32 noise measured the same way
+  (rows reordered within each group)."""
+  output = run_job("--check", "--sam-groups", "2")
+  assert "mesh: {'data': 2, 'model': 2}" in output
+  got = numbers("relative difference to one device", output)
+  bound = numbers("bound", output)
+  noise = numbers("float32 rounding noise", output)
+  assert set(got) == {"params", "eigenvector", "eigenvalue"}
+  for name in got:
+    assert got[name] <= bound[name], (name, got, bound)
+    assert noise[name] < 1e-5, (name, noise)
+  assert "within float32 noise" in output
 
 
 def read_checkpoint(step_dir):

@@ -344,6 +344,8 @@ def test_xsam_defaults_are_the_librarys():
     (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
     (["--rho", "inf"], "--rho must be a finite number >= 0"),
     (["--seed", str(2 ** 63)], "--seed must be in [0, 2**63)"),
+    (["--sam-groups", "0"], "--sam-groups must be >= 1, got 0"),
+    (["--sam-groups", "3"], "--sam-groups must divide --batch-size (128), got 3"),
 ])
 def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys,
                                               monkeypatch):
@@ -523,3 +525,28 @@ def test_cli_refreshes_with_the_curvature_its_flag_names(monkeypatch, tmp_path):
   difference = jax.tree.map(lambda a, b: jnp.abs(a - b).max(), refreshed(optimizer),
                             refreshed(hessian))
   assert max(jax.tree.leaves(difference)) > 1e-3
+
+
+def test_sam_groups_flag_reaches_the_step(monkeypatch, tmp_path):
+  """--sam-groups 4: the loop gets the setting, and its step equals one built by
+  hand with xsam_optax.grouped_grad_fn of the training loss, not the global step."""
+  import xsam_optax
+  optimizer = _trained_optimizers(monkeypatch, tmp_path, "--sam-groups", "4",
+                                  "--batch-size", "16")
+  assert optimizer.sam_groups == 4
+  assert cli._run_config(cli.parse_args(["--sam-groups", "4"]), "sam")["sam_groups"] == 4  # pylint: disable=protected-access
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 6)), jnp.float32)
+  y = jnp.arange(16) % 3
+  model = models.make_model("mlp", num_classes=3)
+  tx = optimizers.make_optimizer("sam", learning_rate=0.1).tx
+  state = loop.init_state(model, tx, x, seed=0)
+  params = lambda groups: jax.jit(loop.make_train_step(model, tx, sam_groups=groups))(
+      state, x, y)[0].params
+  loss = lambda p, b: loop.cross_entropy(model.apply({"params": p}, b[0]), b[1])
+  grad_fn = xsam_optax.grouped_grad_fn(loss, (x, y), 4)
+  updates, _ = jax.jit(lambda s, p: tx.update(grad_fn(p), s, p, grad_fn=grad_fn))(
+      state.opt_state, state.params)
+  chex.assert_trees_all_close(params(4), optax.apply_updates(state.params, updates),
+                              rtol=1e-5, atol=1e-7)
+  difference = jax.tree.map(lambda a, b: jnp.abs(a - b).max(), params(4), params(1))
+  assert max(jax.tree.leaves(difference)) > 1e-6

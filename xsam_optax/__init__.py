@@ -6,7 +6,8 @@ Eigen-SAM's :func:`eigen_sam_ascent`), the estimators they accept as
 ``(matvec, v0) -> EigenResult``), the curvature products a refresh
 multiplies by (:func:`hvp`; :func:`hessian_fn` and :func:`gauss_newton_fn`
 for ``curvature_fn``; :func:`finite_difference_fn`, one gradient per
-product), a micro-batch gradient (:func:`accumulated_grad_fn`), the state
+product), a micro-batch gradient (:func:`accumulated_grad_fn`), per-group
+perturbations, m-sharpness (:func:`grouped_grad_fn`), the state
 both eigen-tracking transforms keep (:class:`EigenvectorState`),
 the host's copy of a transform's refresh schedule (:func:`refresh_schedule`,
 :func:`refresh_due`) and two
@@ -23,6 +24,7 @@ from xsam_optax._estimators import lanczos
 from xsam_optax._estimators import power_iteration
 from xsam_optax._finite_difference import finite_difference_fn
 from xsam_optax._gauss_newton import gauss_newton_fn
+from xsam_optax._groups import grouped_grad_fn
 from xsam_optax._hvp import hessian_fn
 from xsam_optax._hvp import hvp
 from xsam_optax._sam import sam_ascent
@@ -42,6 +44,7 @@ __all__ = (
     "eigenvector_correction",
     "finite_difference_fn",
     "gauss_newton_fn",
+    "grouped_grad_fn",
     "hessian_fn",
     "hvp",
     "lanczos",

@@ -3,10 +3,9 @@
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 
+from xsam_optax import _groups
 from xsam_optax import _tree
-from xsam_optax import _validation
 
 
 def accumulated_grad_fn(
@@ -66,35 +65,7 @@ def accumulated_grad_fn(
     >>> updates, state = tx.update(grad_fn(params), state, params,
     ...                            grad_fn=grad_fn)
   """
-  _validation.check_int("num_microbatches", num_microbatches, minimum=1)
-  sizes = sorted({jnp.shape(x)[0] if jnp.ndim(x) else -1
-                  for x in jax.tree.leaves(batch)})
-  if len(sizes) != 1 or sizes[0] < 0:
-    raise ValueError(
-        "batch must be a pytree of arrays sharing a leading (example) axis, "
-        f"got leading sizes {sizes} (-1: a scalar leaf).")
-  size = sizes[0]
-  if size % num_microbatches:
-    raise ValueError(
-        f"num_microbatches must divide the batch size {size}, got "
-        f"{num_microbatches}.")
-  micro = jax.tree.map(
-      lambda x: jnp.reshape(
-          x, (num_microbatches, size // num_microbatches) + jnp.shape(x)[1:]),
-      batch)
+  micro = _groups.split_leading(batch, num_microbatches,
+                                name="num_microbatches")
   grad = jax.grad(loss_fn)
-
-  def grad_fn(params):
-    def accumulate(total, microbatch):
-      g = grad(params, microbatch)
-      return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, g), None
-
-    zeros = jax.tree.map(
-        lambda p: jnp.zeros_like(p, dtype=jnp.result_type(jnp.float32, p)),
-        params)
-    total, _ = jax.lax.scan(accumulate, zeros, micro)
-    return jax.tree.map(
-        lambda t, p: (t / num_microbatches).astype(jnp.result_type(p)),
-        total, params)
-
-  return grad_fn
+  return lambda params: _groups.scan_mean(grad, params, micro)

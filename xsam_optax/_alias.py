@@ -1,5 +1,6 @@
 """Whole optimizers built only by chaining the composable pieces."""
 
+from collections.abc import Callable
 from typing import Union
 
 import jax
@@ -17,7 +18,7 @@ from xsam_optax import _validation
 def sam(
     optimizer: optax.GradientTransformation,
     *,
-    rho: Union[float, jax.Array] = 0.05,
+    rho: Union[float, jax.Array, Callable[[jax.Array], jax.Array]] = 0.05,
     adaptive: bool = False,
     batch_axis_name: _tree.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -34,7 +35,7 @@ def sam(
 
   Args:
     optimizer: the base optimizer that receives the SAM gradient.
-    rho: neighbourhood radius.
+    rho: neighbourhood radius, or a schedule of the step count.
     adaptive: ASAM's scale-invariant neighbourhood.
     batch_axis_name: mapped axis over which ``grad_fn`` is averaged.
 
@@ -55,8 +56,8 @@ def sam(
 def xsam(
     optimizer: optax.GradientTransformation,
     *,
-    rho: Union[float, jax.Array] = 0.05,
-    alpha: Union[float, jax.Array] = 0.2,
+    rho: Union[float, jax.Array, Callable[[jax.Array], jax.Array]] = 0.05,
+    alpha: Union[float, jax.Array, Callable[[jax.Array], jax.Array]] = 0.2,
     update_every: int = 2,
     num_iters: int = 1,
     method: _tracking.Method = "power",
@@ -90,7 +91,8 @@ def xsam(
   before ``xsam(...)``; ``update(..., check_incoming=True)`` raises if
   something changed the gradient before the ascent. Accumulate micro-batches
   with :func:`accumulated_grad_fn` as ``grad_fn``, not with
-  ``optax.MultiSteps``. With Flax Linen use
+  ``optax.MultiSteps``; perturb each group of the batch (each device) along
+  its own gradient with :func:`grouped_grad_fn` as ``grad_fn``. With Flax Linen use
   :class:`xsam_optax.flax_utils.TrainState`, whose ``apply_gradients``
   forwards ``grad_fn``. Integer and boolean leaves of the parameters (a step
   counter) are left alone: the perturbation, the eigenvector, the norms and
@@ -102,8 +104,10 @@ def xsam(
 
   Args:
     optimizer: the base optimizer (the paper: SGD with momentum 0.9).
-    rho: SAM radius.
-    alpha: correction strength in ``[0, 2]``.
+    rho: SAM radius, or a schedule of the step count (see
+      :func:`sam_ascent`).
+    alpha: correction strength in ``[0, 2]``, or a schedule of the step
+      count.
     update_every: eigenvector refresh period in steps (default 2).
     num_iters: products per refresh of a named ``method``; leave it at its
       default with a callable ``method``.

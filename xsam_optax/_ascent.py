@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xsam_optax import _groups
 from xsam_optax import _tree
 from xsam_optax import _validation
 
@@ -76,6 +77,33 @@ def sam_point(updates: _tree.PyTree, params: _tree.PyTree, rho, adaptive: bool) 
   else:
     direction, _ = _tree.safe_normalize(updates)
   return _tree.add_scaled(params, rho, direction)
+
+
+def _one_group(stacked: _tree.PyTree) -> _tree.PyTree:
+  """Shapes and dtypes of one group's tree (no slicing of a sharded group axis)."""
+  return jax.tree.map(lambda g: jax.ShapeDtypeStruct(g.shape[1:], g.dtype), stacked)
+
+
+def group_sam_points(grad_fn: _groups.GroupedGradFn, params: _tree.PyTree,
+                     point_of: Callable[[_tree.PyTree], _tree.PyTree]) -> _tree.PyTree:
+  """Each group's SAM point, stacked: ``point_of(g_i)`` for its gradient ``g_i``.
+
+  ``point_of`` maps one gradient (a tree like ``params``) to its point; it
+  is mapped over the groups, so each group's norm and direction are its own.
+  """
+  stacked = grad_fn.per_group(params)
+  _tree.check_same_structure(params, _one_group(stacked), what="grad_fn.per_group")
+  return jax.vmap(point_of)(stacked)
+
+
+def grouped_sam_gradient(grad_fn: _groups.GroupedGradFn, points: _tree.PyTree,
+                         params: _tree.PyTree, batch_axis_name: _tree.AxisName
+                         ) -> _tree.PyTree:
+  """The mean over groups of each group's gradient at its own point (finished)."""
+  stacked = grad_fn.at(points)
+  _tree.check_same_structure(params, _one_group(stacked), what="grad_fn.at")
+  return finish_sam_gradient(_groups.group_mean(stacked, params), params,
+                             batch_axis_name)
 
 
 def finish_sam_gradient(grads: _tree.PyTree, params: _tree.PyTree,

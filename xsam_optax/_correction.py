@@ -62,7 +62,7 @@ def correct(updates: _tree.PyTree, eigenvector: _tree.PyTree, alpha, *,
 
 
 def eigenvector_correction(
-    alpha: Union[float, jax.Array] = 0.2,
+    alpha: Union[float, jax.Array, Callable[[jax.Array], jax.Array]] = 0.2,
     *,
     update_every: int = 2,
     num_iters: int = 1,
@@ -138,6 +138,15 @@ def eigenvector_correction(
   non-finite coefficient, removes nothing: the update is :math:`\hat g`
   (:math:`g` with ``normalize=False``).
 
+  **alpha schedules.** ``alpha`` may be a schedule, a callable of the step
+  count (the state's ``count``), as optax's learning rates; a scheduled
+  value below 0 or not finite acts as 0.
+
+  **Per-group perturbations.** After :func:`sam_ascent` with a ``grad_fn``
+  from :func:`grouped_grad_fn`, the correction acts on the incoming
+  (group-averaged) SAM gradient, and refreshes use the Hessian of
+  ``grad_fn``, the whole batch's.
+
   **Periodic refreshes: choose them on the host.** With ``update_every > 1``
   and without ``refresh``, ``update`` follows the schedule on the step
   count inside one program: under ``lax.cond`` on accelerators, and on CPU
@@ -161,7 +170,8 @@ def eigenvector_correction(
   gradient.
 
   Args:
-    alpha: correction strength in ``[0, 2]``; 0 only normalises.
+    alpha: correction strength in ``[0, 2]``; 0 only normalises. Or a
+      schedule of the step count.
     update_every: refresh period in steps (``>= 1``; default every 2 steps).
     num_iters: products per refresh of a named ``method`` (``>= 1``; ``>= 2``
       for Lanczos); leave it at its default with a callable ``method``.
@@ -203,7 +213,7 @@ def eigenvector_correction(
     Dominant-Eigenvector Gradient Correction
     <https://arxiv.org/abs/2601.10251>`_, 2026.
   """
-  _validation.check_float("alpha", alpha, minimum=0.0, maximum=2.0)
+  _validation.check_hyperparameter("alpha", alpha, minimum=0.0, maximum=2.0)
   rule_fn = resolve_rule(rule)
   _validation.check_bool("normalize", normalize)
   settings = _tracking.refresh_settings(
@@ -221,8 +231,9 @@ def eigenvector_correction(
     estimate = _tracking.track(
         state, params, grad_fn, settings, refresh,
         owner="eigenvector_correction", curvature_fn=curvature_fn)
-    corrected, cos = correct(updates, estimate[0], alpha, rule=rule_fn,
-                             normalize=normalize)
+    corrected, cos = correct(updates, estimate[0],
+                             _validation.value_at(alpha, state.count),
+                             rule=rule_fn, normalize=normalize)
     return corrected, _tracking.next_state(state, estimate, cos)
 
   return _tracking.with_schedule(_float_leaves.on_float_leaves(

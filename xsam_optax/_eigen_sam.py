@@ -1,21 +1,23 @@
 """Eigen-SAM: SAM's ascent tilted towards the top Hessian eigenvector."""
 
+from collections.abc import Callable
 from typing import Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_optax import _float_leaves
 from xsam_optax import _ascent
+from xsam_optax import _float_leaves
+from xsam_optax import _groups
 from xsam_optax import _tracking
 from xsam_optax import _tree
 from xsam_optax import _validation
 
 
 def eigen_sam_ascent(
-    rho: Union[float, jax.Array] = 0.05,
-    alpha: Union[float, jax.Array] = 0.2,
+    rho: Union[float, jax.Array, Callable[[jax.Array], jax.Array]] = 0.05,
+    alpha: Union[float, jax.Array, Callable[[jax.Array], jax.Array]] = 0.2,
     *,
     update_every: int = 100,
     num_iters: int = 5,
@@ -46,9 +48,17 @@ def eigen_sam_ascent(
   gradient at ``params``). Complex leaves in ``params`` are refused, as in
   :func:`eigenvector_correction`.
 
+  ``rho`` and ``alpha`` may be schedules, callables of the step count (the
+  state's ``count``), as optax's learning rates; a scheduled value below 0
+  or not finite acts as 0. With ``grad_fn`` from :func:`grouped_grad_fn`
+  each group's point uses its own gradient :math:`g_i` in the formula above
+  (the same tracked :math:`v`, refreshed on the whole batch's Hessian) and
+  :math:`g_{adv}` is the mean of the groups' gradients at their points; the
+  state's ``cos_angle`` stays the incoming (whole-batch) gradient's.
+
   Args:
-    rho: radius of the neighbourhood (``>= 0``).
-    alpha: weight of the eigenvector component (``>= 0``).
+    rho: radius of the neighbourhood (``>= 0``), or a schedule.
+    alpha: weight of the eigenvector component (``>= 0``), or a schedule.
     update_every: refresh period in steps.
     num_iters: products per refresh of a named ``method``; leave it at its
       default with a callable ``method``.
@@ -83,8 +93,8 @@ def eigen_sam_ascent(
     Luo et al., `Explicit Eigenvalue Regularization Improves Sharpness-Aware
     Minimization <https://arxiv.org/abs/2501.12666>`_, NeurIPS 2024.
   """
-  _validation.check_float("rho", rho, minimum=0.0)
-  _validation.check_float("alpha", alpha, minimum=0.0)
+  _validation.check_hyperparameter("rho", rho, minimum=0.0)
+  _validation.check_hyperparameter("alpha", alpha, minimum=0.0)
   _validation.check_int("seed", seed, minimum=0)
   settings = _tracking.refresh_settings(
       update_every, num_iters, method, batch_axis_name, owner=eigen_sam_ascent)
@@ -102,22 +112,34 @@ def eigen_sam_ascent(
         state, params, grad_fn, settings, refresh, owner="eigen_sam_ascent",
         curvature_fn=curvature_fn)
     # Arrays set at run time (optax.inject_hyperparams) are unchecked: a
-    # non-finite one acts as 0, as the docstring says.
-    rho_now = _validation.finite_or_zero(rho)
-    alpha_now = _validation.finite_or_zero(alpha)
-    unit, _ = _tree.safe_normalize(updates)
-    cos = _tree.vdot(unit, eigenvector).astype(state.cos_angle.dtype)
-    perpendicular = _tree.add_scaled(eigenvector, -cos, unit)
-    direction = _tree.add_scaled(unit, alpha_now * jnp.sign(cos),
-                                  perpendicular)
-    # A sum of unit vectors, entries at most 1 + 2 alpha: no scaling needed
-    # (and none paid for) before its squares.
-    direction, _ = _tree.safe_normalize(direction, scale=1.0)
-    adv_grads = _ascent.sam_gradient(
-        grad_fn, _tree.add_scaled(params, rho_now, direction), params,
-        batch_axis_name, owner="eigen_sam_ascent")
+    # non-finite one acts as 0, as the docstring says; so does a scheduled
+    # value below 0.
+    rho_now = _validation.value_at(rho, state.count)
+    alpha_now = _validation.value_at(alpha, state.count)
+
+    def point_of(g):
+      unit, _ = _tree.safe_normalize(g)
+      cos = _tree.vdot(unit, eigenvector).astype(state.cos_angle.dtype)
+      perpendicular = _tree.add_scaled(eigenvector, -cos, unit)
+      direction = _tree.add_scaled(unit, alpha_now * jnp.sign(cos),
+                                   perpendicular)
+      # A sum of unit vectors, entries at most 1 + 2 alpha: no scaling
+      # needed (and none paid for) before its squares.
+      direction, _ = _tree.safe_normalize(direction, scale=1.0)
+      return _tree.add_scaled(params, rho_now, direction), cos
+
+    if _groups.is_grouped(grad_fn):
+      points, _ = _ascent.group_sam_points(grad_fn, params, point_of)
+      cos = _tree.vdot(_tree.safe_normalize(updates)[0], eigenvector)
+      adv_grads = _ascent.grouped_sam_gradient(grad_fn, points, params,
+                                               batch_axis_name)
+    else:
+      point, cos = point_of(updates)
+      adv_grads = _ascent.sam_gradient(grad_fn, point, params,
+                                       batch_axis_name, owner="eigen_sam_ascent")
     return adv_grads, _tracking.next_state(
-        state, (eigenvector, eigenvalue, residual), cos)
+        state, (eigenvector, eigenvalue, residual),
+        cos.astype(state.cos_angle.dtype))
 
   return _tracking.with_schedule(_float_leaves.on_float_leaves(
       optax.GradientTransformationExtraArgs(init_fn, update_fn),

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from xsam_optax import _groups
 from xsam_optax import _tree
 from xsam_optax import _validation
 
@@ -112,6 +113,11 @@ def on_float_leaves(
     arrays = _tree.as_arrays(params)
     if _all_float(arrays):
       return tx.update(updates, state, params, grad_fn=grad_fn, **extra_args)
+    if _groups.is_grouped(grad_fn):
+      raise ValueError(
+          f"{owner}: grad_fn from grouped_grad_fn needs float parameters; "
+          "params has integer or boolean leaves. Keep them out of the "
+          "optimized parameters (close the loss over them).")
     split = _Split(arrays)
     if "curvature_fn" in extra_args:
       extra_args["curvature_fn"] = split.curvature_fn(

@@ -1,19 +1,22 @@
 """The SAM ascent step as an optax transform."""
 
+from collections.abc import Callable
 from typing import Union
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from xsam_optax import _float_leaves
 from xsam_optax import _ascent
+from xsam_optax import _float_leaves
+from xsam_optax import _groups
 from xsam_optax import _tree
 from xsam_optax import _validation
 
 
 
 def sam_ascent(
-    rho: Union[float, jax.Array] = 0.05,
+    rho: Union[float, jax.Array, Callable[[jax.Array], jax.Array]] = 0.05,
     *,
     adaptive: bool = False,
     batch_axis_name: _tree.AxisName = None,
@@ -67,8 +70,22 @@ def sam_ascent(
   infinite one acts as 0, so the base optimizer gets the gradient at
   ``params`` itself.
 
+  **rho schedules.** ``rho`` may be a schedule, a callable of the step count
+  like optax's learning rates (``optax.linear_schedule(0.0, 0.05, 1000)``
+  warms it up). The state then counts the steps
+  (``optax.ScaleByScheduleState``; with a number it stays
+  ``optax.EmptyState``, so existing checkpoints keep their structure). A
+  scheduled value below 0 or not finite acts as 0.
+
+  **Per-group perturbations (m-sharpness).** With ``grad_fn`` from
+  :func:`grouped_grad_fn` each group of the batch is perturbed along its own
+  gradient (its own norm and, with ``adaptive``, its own scaled ball) and
+  the base optimizer gets the mean over groups of each group's gradient at
+  its point; the incoming gradient is then not used.
+
   Args:
-    rho: radius of the neighbourhood (``>= 0``).
+    rho: radius of the neighbourhood (``>= 0``), or a schedule of the step
+      count.
     adaptive: ASAM's scale-invariant neighbourhood.
     batch_axis_name: mapped axis over which to average ``grad_fn``'s output.
 
@@ -94,12 +111,15 @@ def sam_ascent(
     Generalization <https://arxiv.org/abs/2010.01412>`_, 2021.
     Kwon et al., `ASAM <https://arxiv.org/abs/2102.11600>`_, 2021.
   """
-  _validation.check_float("rho", rho, minimum=0.0)
+  _validation.check_hyperparameter("rho", rho, minimum=0.0)
   _validation.check_bool("adaptive", adaptive)
   _validation.check_axis_name("batch_axis_name", batch_axis_name)
+  scheduled = callable(rho)
 
   def init_fn(params):
     del params
+    if scheduled:
+      return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, *, grad_fn=None,
@@ -107,9 +127,17 @@ def sam_ascent(
     del extra_args
     params = _ascent.checked_call(updates, params, grad_fn, check_incoming,
                                   batch_axis_name, owner="sam_ascent")
-    perturbed = _ascent.sam_point(updates, params, rho, adaptive)
-    return _ascent.sam_gradient(grad_fn, perturbed, params, batch_axis_name,
-                                owner="sam_ascent"), state
+    rho_now = _validation.value_at(rho, state.count if scheduled else None)
+    if scheduled:
+      state = optax.ScaleByScheduleState(
+          count=optax.safe_increment(state.count))
+    point_of = lambda g: _ascent.sam_point(g, params, rho_now, adaptive)
+    if _groups.is_grouped(grad_fn):
+      points = _ascent.group_sam_points(grad_fn, params, point_of)
+      return _ascent.grouped_sam_gradient(grad_fn, points, params,
+                                          batch_axis_name), state
+    return _ascent.sam_gradient(grad_fn, point_of(updates), params,
+                                batch_axis_name, owner="sam_ascent"), state
 
   return _float_leaves.on_float_leaves(
       optax.GradientTransformationExtraArgs(init_fn, update_fn),

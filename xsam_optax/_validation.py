@@ -100,6 +100,34 @@ def finite_or_zero(value: Any) -> Any:
   return jnp.where(jnp.isfinite(value), value, jnp.zeros_like(value))
 
 
+def check_hyperparameter(name: str, value: Any, *, minimum: float,
+                         maximum: Optional[float] = None) -> None:
+  """:func:`check_float`, or nothing for a schedule (a callable of the step count)."""
+  if callable(value):
+    return
+  check_float(name, value, minimum=minimum, maximum=maximum)
+
+
+def value_at(value: Any, count: Optional[jax.Array]) -> Any:
+  """A hyperparameter's value at step ``count`` (as it is used at run time).
+
+  A schedule (a callable of the step count, as optax's learning rates) is
+  called with ``count``; a value below 0 or not finite acts as 0. A plain
+  number is returned as it is and an array is :func:`finite_or_zero`.
+  """
+  if not callable(value):
+    return finite_or_zero(value)
+  now = jnp.asarray(value(count))
+  real = (jnp.issubdtype(now.dtype, jnp.floating)
+          or jnp.issubdtype(now.dtype, jnp.integer))
+  if now.shape != () or not real:
+    raise ValueError(
+        "a schedule (rho or alpha) must return a real scalar for a step "
+        f"count, got shape {now.shape} and dtype {now.dtype}.")
+  now = now.astype(jnp.result_type(jnp.float32, now))
+  return jnp.where(jnp.isfinite(now) & (now > 0), now, jnp.zeros_like(now))
+
+
 def check_bool(name: str, value: Any) -> None:
   if not isinstance(value, bool):
     raise ValueError(f"{name} must be True or False, got {value!r}.")

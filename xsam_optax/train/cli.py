@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
   add("--weight-decay", type=float, default=5e-4,
       help="L2 weight decay added to the direction before momentum; default %(default)s")
   add("--rho", type=float, default=0.05, help="SAM radius (sam, xsam); default %(default)s")
+  add("--sam-groups", type=int, default=1,
+      help="sam, xsam: split each mini-batch into this many equal groups, each perturbed "
+           "along its own gradient (m-sharpness; per-device SAM on a pod); default "
+           "%(default)s, one global perturbation")
   add("--alpha", type=float, default=0.2,
       help="X-SAM correction strength in [0, 2]; default %(default)s")
   add("--update-every", type=int, default=2,
@@ -145,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       (math.isfinite(args.rho) and args.rho >= 0,
        f"--rho must be a finite number >= 0, got {args.rho}"),
       (0 <= args.alpha <= 2, f"--alpha must be in [0, 2], got {args.alpha}"),
+      (args.sam_groups >= 1, f"--sam-groups must be >= 1, got {args.sam_groups}"),
+      (args.batch_size % max(args.sam_groups, 1) == 0,
+       f"--sam-groups must divide --batch-size ({args.batch_size}), got {args.sam_groups}"),
       (args.update_every >= 1, f"--update-every must be >= 1, got {args.update_every}"),
       (args.num_iters >= 1, f"--num-iters must be >= 1, got {args.num_iters}"),
       (args.eig_iters >= 1, f"--eig-iters must be >= 1, got {args.eig_iters}"),
@@ -187,7 +194,8 @@ def _make_optimizer(args: argparse.Namespace, name: str, *, learning_rate):
       weight_decay=args.weight_decay, rho=args.rho, alpha=args.alpha,
       update_every=args.update_every, num_iters=args.num_iters, method=args.method,
       normalize=args.normalize, rule=args.rule,
-      curvature=args.curvature if name == "xsam" else "hessian", seed=args.seed)
+      curvature=args.curvature if name == "xsam" else "hessian", seed=args.seed,
+      sam_groups=args.sam_groups if name in ("sam", "xsam") else 1)
 
 
 def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -198,7 +206,7 @@ def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
       "gradient_given_to_base": optimizers.GRADIENT_GIVEN[name],
   }
   if name in ("sam", "xsam"):
-    config["rho"] = args.rho
+    config.update(rho=args.rho, sam_groups=args.sam_groups)
   if name == "xsam":
     config.update(alpha=args.alpha, update_every=args.update_every,
                   num_iters=args.num_iters, method=args.method, curvature=args.curvature,

@@ -170,7 +170,7 @@ def lanczos_start(params: PyTree, seed: int) -> PyTree:
 
 
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
-                    curvature: str | Callable[..., Any] = "hessian"):
+                    curvature: str | Callable[..., Any] = "hessian", sam_groups: int = 1):
   """The whole training step ``(state, x, y) -> (state, metrics)``, to be jitted once.
 
   One clean ``value_and_grad`` pass gives the loss, the gradient and the new
@@ -183,6 +183,10 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
   ``curvature="gauss-newton"`` hands ``tx.update`` a ``curvature_fn``
   (:func:`make_gauss_newton_fn`), so refreshes use the Gauss-Newton matrix;
   ``"hessian"`` hands none, so they use the Hessian of ``grad_fn``.
+  ``sam_groups > 1`` hands ``tx.update`` a ``grad_fn`` from
+  :func:`xsam_optax.grouped_grad_fn` over that many equal groups of ``(x, y)``
+  (each group's BatchNorm statistics its own): the SAM ascent perturbs each
+  group along its own gradient.
 
   Returns metrics ``loss``, ``accuracy``, ``grad_norm`` (of the clean pass) and
   ``cos_angle`` (the optimizer's cos(g_hat, v) when its state has one, else NaN).
@@ -197,7 +201,11 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
                  refresh: bool | None = None):
     (loss, (new_batch_stats, logits)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params, state.batch_stats, x, y)
-    grad_fn = make_grad_fn(model, state.batch_stats, x, y)
+    if sam_groups == 1:
+      grad_fn = make_grad_fn(model, state.batch_stats, x, y)
+    else:
+      grad_fn = xsam_optax.grouped_grad_fn(
+          lambda p, b: loss_fn(p, state.batch_stats, *b)[0], (x, y), sam_groups)
     extra = {} if refresh is None else {"refresh": refresh}
     if callable(curvature):
       extra["curvature_fn"] = curvature(state.batch_stats, x, y, grads)
@@ -334,7 +342,8 @@ def compile_steps(model, optimizer: optimizers_lib.Optimizer, state: TrainState,
   host picks one per step, and neither has a ``lax.cond``), else ``{None: ...}``
   (one program; refreshes, if any, under the transform's own ``lax.cond``).
   """
-  jitted = jax.jit(make_train_step(model, optimizer.tx, curvature=optimizer.curvature),
+  jitted = jax.jit(make_train_step(model, optimizer.tx, curvature=optimizer.curvature,
+                                   sam_groups=optimizer.sam_groups),
                    static_argnames="refresh", donate_argnums=0)
   if optimizer.refresh_every is None:
     return {None: jitted.lower(state, x, y).compile()}

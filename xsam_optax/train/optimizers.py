@@ -51,11 +51,15 @@ class Optimizer(NamedTuple):
       refreshes on every step (no ``lax.cond`` then).
     curvature: what the refreshes multiply by, one of ``CURVATURES``; the
       training step builds the matching ``curvature_fn``.
+    sam_groups: groups of the mini-batch perturbed each along its own
+      gradient (:func:`xsam_optax.grouped_grad_fn`); 1 is the global
+      perturbation. The training step builds the matching ``grad_fn``.
   """
 
   tx: optax.GradientTransformationExtraArgs
   refresh_every: int | None
   curvature: str = "hessian"
+  sam_groups: int = 1
 
 
 def make_optimizer(
@@ -73,6 +77,7 @@ def make_optimizer(
     rule: str = "reference",
     curvature: str = "hessian",
     seed: int = 0,
+    sam_groups: int = 1,
 ) -> Optimizer:
   """SGD (momentum, weight decay, given schedule), alone or behind SAM, X-SAM or Eigen-SAM.
 
@@ -83,7 +88,10 @@ def make_optimizer(
   ``curvature="gauss-newton"`` makes the refreshes of X-SAM and Eigen-SAM
   multiply by the Gauss-Newton matrix of the logits instead of the Hessian:
   cheaper per product, positive semi-definite, and for a loss convex in the
-  outputs the Hessian without its second-order network terms. The returned
+  outputs the Hessian without its second-order network terms.
+  ``sam_groups > 1`` perturbs each of that many equal groups of the
+  mini-batch along its own gradient (m-sharpness, SAM as pods run it per
+  device; see :func:`xsam_optax.grouped_grad_fn`). The returned
   :class:`Optimizer` carries the transform's period
   (:func:`xsam_optax.refresh_schedule`) as its ``refresh_every``, the one
   place the host's schedule comes from. The transforms validate their
@@ -99,6 +107,8 @@ def make_optimizer(
     raise ValueError(f"optimizer must be one of {names}, got {name!r}")
   if curvature not in CURVATURES:
     raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+  if isinstance(sam_groups, bool) or not isinstance(sam_groups, int) or sam_groups < 1:
+    raise ValueError(f"sam_groups must be an int >= 1, got {sam_groups!r}")
   base = optax.chain(
       optax.add_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum),
@@ -108,7 +118,7 @@ def make_optimizer(
   if name == "sgd":
     return Optimizer(optax.with_extra_args_support(base), None)
   if name == "sam":
-    return Optimizer(xsam_optax.sam(base, rho=rho), None)
+    return Optimizer(xsam_optax.sam(base, rho=rho), None, sam_groups=sam_groups)
   if name == "xsam":
     tx = xsam_optax.xsam(base, rho=rho, alpha=alpha, rule=rule, normalize=normalize,
                          **tracking)
@@ -121,4 +131,4 @@ def make_optimizer(
   # A refresh on every step leaves the host nothing to choose: one program,
   # no lax.cond either way.
   every = schedule.update_every
-  return Optimizer(tx, every if every > 1 else None, curvature)
+  return Optimizer(tx, every if every > 1 else None, curvature, sam_groups)
