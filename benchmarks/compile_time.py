@@ -39,13 +39,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import shlex
 import sys
 import time
 from collections.abc import Callable
 
 STRUCTURES = ("synthetic", "resnet18", "resnet50", "transformer")
-SMOKE_LEAVES = (10, 20)
+SMOKE_LEAVES = (3, 6)
 SMOKE_STRUCTURES = ("synthetic",)
 
 
@@ -304,8 +303,7 @@ def run(args, argv) -> None:
   if args.json:
     _common.write_json(args.json, {
         "benchmark": "compile_time", "smoke": args.smoke,
-        "command": shlex.join(
-            ["python", "benchmarks/compile_time.py"] + argv),
+        "command": _common.command("compile_time", argv),
         "environment": env, "structures": descriptions,
         "candidates": [c.name for c in candidates], "total_s": total_s,
         "rows": all_rows})

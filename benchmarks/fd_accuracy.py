@@ -20,9 +20,10 @@ once recomputed as ``grad_fn(params)`` inside ``curvature_fn``: if XLA's
 common-subexpression elimination merged the recomputed gradient with the
 step's, both would compile to the same number of convolutions and time alike.
 
-Usage::
+Usage, from the repository root::
 
   python benchmarks/fd_accuracy.py --json benchmarks/results/fd-accuracy-cpu2.json
+  python benchmarks/fd_accuracy.py --smoke   # seconds: the first problem, 3 steps
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import argparse
 import functools
 import inspect
 import re
-import shlex
 import sys
 
 import jax
@@ -148,8 +148,14 @@ def main(argv=None) -> int:
                  help="length of the SAM run whose start and end are measured")
   p.add_argument("--rounds", type=int, default=15)
   p.add_argument("--cache", default=None)
+  p.add_argument("--smoke", action="store_true",
+                 help="the first problem, a 3-step run, 1 round, a temporary "
+                      "cache: checks the script end to end")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
+  if args.smoke:  # Over the command's sizes.
+    args.problems, args.steps, args.rounds = args.problems[:1], 3, 1
+    args.cache = _common.smoke_dir()
   cache = args.cache or _common.cache_dir()
   env = _common.environment()
   out = {}
@@ -178,7 +184,8 @@ def main(argv=None) -> int:
                  for k, v in d["cost"].items()})
   if args.json:
     _common.write_json(args.json, {
-        "benchmark": "fd_accuracy", "command": shlex.join(["python"] + sys.argv),
+        "benchmark": "fd_accuracy", "smoke": args.smoke,
+        "command": _common.command("fd_accuracy", argv),
         "environment": env, "scales": SCALES,
         "step_size_rule": f"h = scale * {DEFAULT_SCALE} * sqrt(eps(dtype)) * "
                           "max(1, ||theta||)",

@@ -17,6 +17,7 @@ import argparse
 import glob
 import json
 import os
+import shlex
 import sys
 
 import _common
@@ -26,8 +27,23 @@ MODELS = ("cnn", "mlp", "resnet18")
 MODEL_NAMES = {"cnn": "CNN", "mlp": "MLP", "resnet18": "ResNet-18"}
 
 
+def from_root(cmd: str) -> str:
+  """A recorded command as run from the repository root.
+
+  Some records were written by commands run inside ``benchmarks/``
+  (``cd benchmarks && python quality.py ... --json results/...``); the page
+  prints every command as it runs from the root, as the scripts record them now.
+  """
+  argv = shlex.split(cmd.removeprefix("cd benchmarks && "))
+  if argv[:1] != ["python"] or argv[1].startswith("benchmarks/"):
+    return cmd
+  return shlex.join(["python", "benchmarks/" + argv[1]] + [
+      "benchmarks/" + a if a.startswith("results/") else a for a in argv[2:]])
+
+
 def _command(cmd: str) -> str:
-  return f"```bash\n{cmd}\n```\n"
+  lines = "\n".join(from_root(line) for line in cmd.split("\n"))
+  return f"```bash\n{lines}\n```\n"
 
 
 def _where(env: dict) -> str:
