@@ -261,9 +261,10 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   import jax
 
-  # Compile for real, not from a persistent cache (restored for a caller).
+  # Compile for real, not from a persistent cache (restored for a caller); a
+  # smoke run measures nothing and may use one.
   was_enabled = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
+  jax.config.update("jax_enable_compilation_cache", was_enabled and args.smoke)
   try:
     run(args, sys.argv[1:] if argv is None else list(argv))
   finally:

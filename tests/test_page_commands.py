@@ -58,8 +58,10 @@ def smoke_argv(command: str, out: pathlib.Path, index: int) -> list[str]:
     if "--json" in argv:
       redirect("--json", str(out / f"{index}.json"))
   elif script == "experiments/study.py":
-    # The first command's results are the ones a later report.py reads.
-    redirect("--out", str(out / ("study" if index == 0 else f"study{index}")))
+    # One results folder, as on the page: a later command resumes (skips the
+    # runs an earlier one wrote) and report.py reads them. A command that
+    # writes elsewhere on the page (a rerun) writes to its own folder.
+    redirect("--out", str(out / ("study" if "--out" not in argv else f"study{index}")))
   elif script == "experiments/report.py":
     redirect("--results", str(out / "study"))
     redirect("--page", str(out / "study.md"))
@@ -132,6 +134,12 @@ def test_page_commands_run_in_smoke_mode(script, tmp_path):
   if script == "study":
     records = [json.loads(p.read_text()) for p in tmp_path.glob("study*/*.json")]
     assert (tmp_path / "study.md").is_file()
+    # Every command trained or found its runs: its first setting, each method.
+    for command in commands:
+      argv = shlex.split(command)
+      if argv[1] == "experiments/study.py":
+        setting = argv[argv.index("--settings") + 1]
+        assert any(r["setting"] == setting for r in records), command
     environments = [r["environment"] for r in records]
   else:
     written = [json.loads((tmp_path / f"{i}.json").read_text())
@@ -140,6 +148,11 @@ def test_page_commands_run_in_smoke_mode(script, tmp_path):
     assert all(d["smoke"] and d["command"].startswith(f"python benchmarks/{script}.py ")
                for d in written)
     environments = [d["environment"] for d in written]
+    if script == "compile_time":  # the HLO grows with the leaves
+      for d in written:
+        sam = {r["leaves"]: r["hlo_instructions"] for r in d["rows"]
+               if r["candidate"] == "contrib.sam"}
+        assert len(sam) == 2 and sam[max(sam)] > sam[min(sam)], d["command"]
   assert environments
   for environment in environments:  # what produced the numbers
     assert environment["versions"]["jax"] == _version("jax")
