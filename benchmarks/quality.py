@@ -27,9 +27,9 @@ Usage, from the repository root::
   python benchmarks/quality.py --steps 28 --seeds 0 --problems mlp-digits  # quick
   python benchmarks/quality.py --smoke   # seconds: the same code, tiny
 
-``--smoke``: the first problem and seed, 14 steps, one large-batch chunk, the
-reference and the first schedule of each product kind that ``--only`` keeps,
-caches in a fresh temporary folder.
+``--smoke``: the first problem and seed, 7 steps (one scored), one
+large-batch chunk, the reference and the first schedule of each product kind
+that ``--only`` keeps, caches in a fresh temporary folder.
 
 Gauss-Newton schedules (``product="gn"``, ``xsam_optax.gauss_newton_fn`` of
 the training-mode logits) are scored against the same Hessian oracles: what
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.smoke:  # Over the command's sizes.
     args.problems, args.seeds = args.problems[:1], args.seeds[:1]
-    args.steps, args.chunks = 2 * SCORE_STRIDE, 1
+    args.steps, args.chunks = SCORE_STRIDE, 1  # one scored step
     args.cache = _common.smoke_dir()
   args.cache = args.cache or _common.cache_dir()
   _common.enable_compilation_cache(args.cache)

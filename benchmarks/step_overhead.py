@@ -53,10 +53,11 @@ Usage, from the repository root::
   python benchmarks/step_overhead.py --device gpu
   python benchmarks/step_overhead.py --device cpu --smoke   # seconds: the same code, tiny
 
-Prints the table; writes the JSON only to the path ``--json`` names. ``--smoke``
-runs every step of the script on tiny sizes (batch 16, 2 rounds, a CNN of
-one block, a 2-stage ResNet) and on SGD, SAM and, per path, the cheapest X-SAM row that ``--only``
-keeps. Not a test: nothing here asserts a time.
+Prints the table; writes the JSON only to the path ``--json`` names.
+``--smoke`` runs every step of the script on tiny sizes (batch 16, 2 rounds,
+a CNN of one block, a 2-stage ResNet) and on SGD, SAM and, per path, the
+cheapest X-SAM row that ``--only`` keeps. Not a test: nothing here asserts a
+time.
 """
 
 from __future__ import annotations
