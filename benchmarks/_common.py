@@ -9,15 +9,22 @@ the ratios that matter are between medians taken in the same process.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shlex
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+
+from xsam_optax.train import report
 
 
 def path_label(row: dict) -> str:
@@ -37,10 +44,35 @@ def load_average() -> list[float] | None:
     return None
 
 
+def command(script: str, argv: Sequence[str] | None) -> str:
+  """The command that reruns ``script`` with ``argv``, from the repository root.
+
+  ``argv`` is what ``main(argv)`` received (``None``: the process's own
+  arguments), so the recorded command does not depend on where it was run from.
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  return shlex.join(["python", f"benchmarks/{script}.py", *argv])
+
+
+def smoke_dir() -> str:
+  """A fresh folder for a ``--smoke`` run's caches (never ``benchmarks/.cache``).
+
+  Removed when the process exits.
+  """
+  path = tempfile.mkdtemp(prefix="xsam-benchmark-smoke-")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
 def environment() -> dict[str, Any]:
-  """What the numbers were measured on."""
+  """What the numbers were measured on, and which code measured them.
+
+  ``git_commit``, ``git_modified`` and ``versions`` (jax, jaxlib, optax, flax,
+  xsam-optax): ``xsam_optax.train.report.provenance()``.
+  """
   device = jax.local_devices()[0]
   return {
+      **report.provenance(),
       "jax": jax.__version__,
       "backend": jax.default_backend(),
       "device_kind": device.device_kind,
@@ -115,7 +147,15 @@ def _fmt(x: Any) -> str:
   return str(x)
 
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
 def write_json(path: str, payload: dict[str, Any]) -> None:
+  """Writes ``payload``; a smoke run's never goes into ``benchmarks/results``."""
+  inside = os.path.commonpath([os.path.realpath(path), os.path.realpath(RESULTS)])
+  if payload.get("smoke") and inside == os.path.realpath(RESULTS):
+    raise SystemExit(f"--smoke: not writing {path} into benchmarks/results "
+                     "(published results); pass --json elsewhere")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(payload, f, indent=1, sort_keys=False)

@@ -21,10 +21,11 @@ the canonical (fast, library-call) layout at top level but not inside a
 ``lax.cond`` branch or a loop body, which is why control flow around HVPs
 costs about ten times more there.
 
-Usage::
+Usage, from the repository root::
 
   python benchmarks/estimators.py                      # CPU, a minute or two
   python benchmarks/estimators.py --json benchmarks/results/estimators-cpu.json
+  python benchmarks/estimators.py --smoke              # tiny: seconds
 
 Not a test: nothing here asserts a time.
 """
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import functools
 import re
-import shlex
 import sys
 import time
 
@@ -51,9 +51,16 @@ import _common
 NUM_MATVECS = 5
 
 
-def build(batch_size: int, length: int, seed: int = 0):
+# --smoke: one candidate of each kind (top level, rolled in lax.cond) and the
+# CLI's CNN cut to one block of 4 channels.
+SMOKE_CANDIDATES = ("gradient", "hvp", f"power({NUM_MATVECS}) unroll=True",
+                    f"power({NUM_MATVECS}) unroll=False, in lax.cond")
+
+
+def build(batch_size: int, length: int, seed: int = 0, smoke: bool = False):
   """The CLI's CNN on a synthetic MNIST-1D-shaped batch, training-mode loss."""
-  model = models.make_model("cnn", num_classes=10)
+  model = (models.CNN(num_classes=10, features=(4,)) if smoke
+           else models.make_model("cnn", num_classes=10))
   kx, ky, kp, kv = jax.random.split(jax.random.key(seed), 4)
   x = jax.random.normal(kx, (batch_size, length, 1))
   y = jax.random.randint(ky, (batch_size,), 0, 10)
@@ -166,11 +173,17 @@ def main(argv=None) -> int:
                  help="input length (MNIST-1D: 40)")
   p.add_argument("--rounds", type=int, default=15,
                  help="interleaved samples per candidate")
+  p.add_argument("--smoke", action="store_true",
+                 help="batch 4, 1 round, a one-block CNN, 4 candidates: checks "
+                      "the script end to end")
   p.add_argument("--json", default=None, help="also write the results here")
   args = p.parse_args(argv)
+  if args.smoke:  # Over the command's sizes.
+    args.batch_size, args.rounds = 4, 1
 
   env = _common.environment()
-  params, batch_stats, x, y, v0, grad_fn_of = build(args.batch_size, args.length)
+  params, batch_stats, x, y, v0, grad_fn_of = build(args.batch_size, args.length,
+                                                     smoke=args.smoke)
   pred = jnp.asarray(True)
   inputs = (params, batch_stats, x, y, v0, pred)
   print(f"# jax {env['jax']} on {env['backend']} ({env['device_kind']}), "
@@ -179,6 +192,8 @@ def main(argv=None) -> int:
         f"batch {args.batch_size}x{args.length}x1", flush=True)
 
   specs = candidates(grad_fn_of)
+  if args.smoke:
+    specs = {name: specs[name] for name in SMOKE_CANDIDATES}
   compiled, compile_s = {}, {}
   for name, (fn, _, _) in specs.items():
     t0 = time.perf_counter()
@@ -229,8 +244,8 @@ def main(argv=None) -> int:
   if args.json:
     env["load_average_at_end"] = _common.load_average()
     _common.write_json(args.json, {
-        "benchmark": "estimators",
-        "command": shlex.join(["python"] + sys.argv),
+        "benchmark": "estimators", "smoke": args.smoke,
+        "command": _common.command("estimators", argv),
         "environment": env,
         "config": {"model": "xsam_optax.train.models.CNN (3x Conv+BatchNorm, 32 ch)",
                    "batch": [args.batch_size, args.length, 1],

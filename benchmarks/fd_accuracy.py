@@ -20,9 +20,10 @@ once recomputed as ``grad_fn(params)`` inside ``curvature_fn``: if XLA's
 common-subexpression elimination merged the recomputed gradient with the
 step's, both would compile to the same number of convolutions and time alike.
 
-Usage::
+Usage, from the repository root::
 
   python benchmarks/fd_accuracy.py --json benchmarks/results/fd-accuracy-cpu2.json
+  python benchmarks/fd_accuracy.py --smoke   # seconds: the first problem, 3 steps
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import argparse
 import functools
 import inspect
 import re
-import shlex
 import sys
 
 import jax
@@ -68,7 +68,7 @@ def _abs_cos(a, b):
                / (optax.tree.norm(a) * optax.tree.norm(b)))
 
 
-def accuracy(problem, params, stats, x, y, seed):
+def accuracy(problem, params, stats, x, y, seed, scales=SCALES):
   """Rows of (dtype, direction, scale, relative error, |cos|)."""
   grad_of = lambda p, s, xx: problem.grad_fn(s, xx, y)(p)
   exact = jax.jit(lambda p, s, xx, v: jax.jvp(
@@ -96,7 +96,7 @@ def accuracy(problem, params, stats, x, y, seed):
         rows.append((jnp.dtype(dtype).name, direction, "exact jvp",
                      _rel_err(exact(p, s, xx, uu), reference),
                      _abs_cos(exact(p, s, xx, uu), reference)))
-      for scale in SCALES:
+      for scale in scales:
         out = fd(p, s, xx, g, uu, jnp.asarray(scale, jnp.float32))
         rows.append((jnp.dtype(dtype).name, direction, scale,
                      _rel_err(out, reference), _abs_cos(out, reference)))
@@ -148,8 +148,15 @@ def main(argv=None) -> int:
                  help="length of the SAM run whose start and end are measured")
   p.add_argument("--rounds", type=int, default=15)
   p.add_argument("--cache", default=None)
+  p.add_argument("--smoke", action="store_true",
+                 help="the first problem, a 3-step run, its end only, the "
+                      "default step only, 1 round, a temporary cache: checks "
+                      "the script end to end")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
+  if args.smoke:  # Over the command's sizes.
+    args.problems, args.steps, args.rounds = args.problems[:1], 3, 1
+    args.cache = _common.smoke_dir()
   cache = args.cache or _common.cache_dir()
   env = _common.environment()
   out = {}
@@ -160,10 +167,13 @@ def main(argv=None) -> int:
     problem = _problems.load(name)
     traj = _trajectory.cached(problem, args.steps, 0, cache)
     rows = []
-    for label, t in (("start", 0), ("end", args.steps - 1)):
+    points = (("end", args.steps - 1),) if args.smoke else (
+        ("start", 0), ("end", args.steps - 1))
+    for label, t in points:
       params, stats = traj.at(t)
       x, y = traj.batch(problem, t)
-      for row in accuracy(problem, params, stats, x, y, seed=t):
+      for row in accuracy(problem, params, stats, x, y, seed=t,
+                          scales=(1.0,) if args.smoke else SCALES):
         rows.append({"point": label, "step": t, "dtype": row[0],
                      "direction": row[1], "scale": row[2],
                      "relative_error": row[3], "abs_cos": row[4]})
@@ -178,7 +188,8 @@ def main(argv=None) -> int:
                  for k, v in d["cost"].items()})
   if args.json:
     _common.write_json(args.json, {
-        "benchmark": "fd_accuracy", "command": shlex.join(["python"] + sys.argv),
+        "benchmark": "fd_accuracy", "smoke": args.smoke,
+        "command": _common.command("fd_accuracy", argv),
         "environment": env, "scales": SCALES,
         "step_size_rule": f"h = scale * {DEFAULT_SCALE} * sqrt(eps(dtype)) * "
                           "max(1, ||theta||)",

@@ -21,10 +21,15 @@ often. Per schedule: the mean over scored steps for each seed, then the mean
 over seeds and the range over seeds. Trajectories and oracle vectors are
 cached in ``benchmarks/.cache`` (delete it to recompute).
 
-Usage::
+Usage, from the repository root::
 
   python benchmarks/quality.py --json benchmarks/results/quality-cpu2.json
   python benchmarks/quality.py --steps 28 --seeds 0 --problems mlp-digits  # quick
+  python benchmarks/quality.py --smoke   # seconds: the same code, tiny
+
+``--smoke``: the first problem and seed, 7 steps (one scored), one
+large-batch chunk, the reference and the first schedule of each product kind
+that ``--only`` keeps, caches in a fresh temporary folder.
 
 Gauss-Newton schedules (``product="gn"``, ``xsam_optax.gauss_newton_fn`` of
 the training-mode logits) are scored against the same Hessian oracles: what
@@ -37,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 import sys
 import time
 
@@ -147,14 +151,26 @@ def main(argv=None) -> int:
   p.add_argument("--only", default=None,
                  help="regex: keep only the schedules whose name matches (the "
                       "reference always runs)")
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny sizes, to check the script end to end")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
+  if args.smoke:  # Over the command's sizes.
+    args.problems, args.seeds = args.problems[:1], args.seeds[:1]
+    args.steps, args.chunks = SCORE_STRIDE, 1  # one scored step
+    args.cache = _common.smoke_dir()
   args.cache = args.cache or _common.cache_dir()
   _common.enable_compilation_cache(args.cache)
   schedules = _schedules.sweep()
   if args.only:
     schedules = [s for s in schedules if s == _schedules.REFERENCE
                  or re.search(args.only, s.name)]
+  if args.smoke:
+    first = {}
+    for s in schedules:
+      if s != _schedules.REFERENCE:
+        first.setdefault(s.product, s)
+    schedules = [_schedules.REFERENCE, *first.values()]
   env = _common.environment()
   print(f"# {len(schedules)} schedules, problems {args.problems}, seeds "
         f"{args.seeds}, {args.steps} steps, scored every {SCORE_STRIDE}; "
@@ -162,8 +178,8 @@ def main(argv=None) -> int:
   results = {}
 
   def payload(complete):
-    return {"benchmark": "quality", "complete": complete,
-            "command": shlex.join(["python"] + sys.argv), "environment": env,
+    return {"benchmark": "quality", "complete": complete, "smoke": args.smoke,
+            "command": _common.command("quality", argv), "environment": env,
             "config": {"steps": args.steps, "seeds": args.seeds,
                        "chunks": args.chunks,
                        "score_stride": SCORE_STRIDE,

@@ -11,16 +11,16 @@ temporaries - aliased) minus the same program without a refresh, in units of
 the parameters' size. Running it against another checkout of the library
 (``PYTHONPATH=...``) compares implementations.
 
-Usage::
+Usage, from the repository root::
 
   python benchmarks/refresh_memory.py --json benchmarks/results/refresh-memory-cpu2.json
+  python benchmarks/refresh_memory.py --smoke   # width 16, batch 4, 2 estimators
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import shlex
 import sys
 
 import jax
@@ -73,14 +73,21 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--width", type=int, default=1000)
   p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--smoke", action="store_true",
+                 help="width 16, batch 4, two of the estimators: checks the "
+                      "script end to end")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
+  if args.smoke:  # Over the command's sizes.
+    args.width, args.batch = 16, 4
   params, grad_fn = problem(args.width, args.batch)
   size = sum(a.nbytes for a in jax.tree.leaves(params))
   plain = refresh_bytes(params, grad_fn, "power", 1, False)
   rows, out = [], {}
   runs = [(f"{m} {n}", m, n) for m, n in ESTIMATORS]
   runs += [(name, method, None) for name, method in VARIANTS.items()]
+  if args.smoke:  # A named estimator and a callable one.
+    runs = [runs[0], runs[-1]]
   for name, method, n in runs:
     extra = (refresh_bytes(params, grad_fn, method, n, True) - plain) / size
     rows.append((name, extra))
@@ -88,7 +95,8 @@ def main(argv=None) -> int:
   print(_common.format_table(("refresh", "memory - no refresh, x params"), rows))
   if args.json:
     _common.write_json(args.json, {
-        "benchmark": "refresh_memory", "command": shlex.join(["python"] + sys.argv),
+        "benchmark": "refresh_memory", "smoke": args.smoke,
+        "command": _common.command("refresh_memory", argv),
         "environment": _common.environment(),
         "config": {"width": args.width, "batch": args.batch,
                    "param_bytes": int(size)},

@@ -96,9 +96,9 @@ def answer_section(steps: dict, runs: dict) -> str:
         + "; ".join(f"{name} {v:.1f}x" for name, v in parts if v is not None)
         + ". The refresh step holds the products' activations and tangents; the other "
         "steps add one parameter-sized vector, the eigenvector. (*Memory*.)")
-  backends = sorted({d.get("environment", {}).get("backend", "?") for ds in runs.values()
-                     for d in ds})
-  accelerators = [b for b in backends if b not in ("cpu", "?")]
+  backends = sorted({d["environment"]["backend"] for ds in runs.values() for d in ds
+                     if d.get("environment", {}).get("backend")})  # older files: none
+  accelerators = [b for b in backends if b != "cpu"]
   lines.append(
       "- **Where it was measured**: "
       + (f"every result on this page ran on a CPU ({', '.join(backends)} backend): the FLOP "

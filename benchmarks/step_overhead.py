@@ -45,15 +45,19 @@ Models (``--model``):
   32x32x3 data, fp32, as the anchors of XSAM.md (the default on ``--device
   gpu``; on a CPU, ``--no-timing`` compiles it for FLOPs and memory only).
 
-Usage::
+Usage, from the repository root::
 
   python benchmarks/step_overhead.py --device cpu --json benchmarks/results/cpu-cnn-cpu2.json
   python benchmarks/step_overhead.py --device cpu --model mlp
   python benchmarks/step_overhead.py --device cpu --model resnet18 --no-timing
   python benchmarks/step_overhead.py --device gpu
+  python benchmarks/step_overhead.py --device cpu --smoke   # seconds: the same code, tiny
 
-Writes ``benchmarks/results/<device>-<model>-<card or cpu>.json`` (``--json``
-to change). Not a test: nothing here asserts a time.
+Prints the table; writes the JSON only to the path ``--json`` names.
+``--smoke`` runs every step of the script on tiny sizes (batch 16, 2 rounds,
+a CNN of one block, a 2-stage ResNet) and on SGD, SAM and, per path, the
+cheapest X-SAM row that ``--only`` keeps. Not a test: nothing here asserts a
+time.
 """
 
 from __future__ import annotations
@@ -62,7 +66,6 @@ import argparse
 import concurrent.futures
 import os
 import re
-import shlex
 import sys
 import time
 
@@ -113,7 +116,8 @@ CONFIGS = {
     "resnet18": dict(model="resnet18", data="synthetic", batch_size=256,
                      rounds=15, num_batches=5, learning_rate=0.05),
 }
-SMOKE = dict(batch_size=16, rounds=2, num_batches=3)
+SMOKE = dict(batch_size=16, rounds=2, num_batches=3, image_size=8,
+             steps_per_sample=1)
 
 
 def parse_args(argv):
@@ -140,12 +144,21 @@ def parse_args(argv):
   p.add_argument("--no-timing", action="store_true",
                  help="compile and report memory only")
   p.add_argument("--smoke", action="store_true",
-                 help="tiny sizes, to check the script end to end (also "
-                      "runs --device gpu's model on a CPU)")
+                 help="tiny sizes and rows, to check the script end to end "
+                      "(also runs --device gpu's model on a CPU)")
   p.add_argument("--json", default=None,
-                 help="default: benchmarks/results/<device>-<card or cpu>.json")
-  p.add_argument("--no-json", action="store_true")
+                 help="write the results here (default: print only)")
   return p.parse_args(argv)
+
+
+def smoke_rows(table_rows: list[Row]) -> list[Row]:
+  """SGD, SAM and, per path, the cheapest X-SAM row: fewest products, a period > 1."""
+  keep = [r for r in table_rows if r.optimizer != "xsam"]
+  for path in ("host", "none", "cond"):
+    rows_of_path = [r for r in table_rows if r.optimizer == "xsam" and r.path == path]
+    if rows_of_path:
+      keep.append(min(rows_of_path, key=lambda r: (r.schedule.num_iters, r.period == 1)))
+  return keep
 
 
 def make_batches(config, seed=0):
@@ -161,17 +174,21 @@ def make_batches(config, seed=0):
     return [(jnp.asarray(ds.x_train[i * b:(i + 1) * b]),
              jnp.asarray(ds.y_train[i * b:(i + 1) * b])) for i in range(n)], \
         ds.num_classes, f"{config['data']} training set"
+  side = config.get("image_size", 32)
   out = []
   for key in jax.random.split(jax.random.key(seed), nb):
     kx, ky = jax.random.split(key)
-    out.append((jax.random.normal(kx, (b, 32, 32, 3)),
+    out.append((jax.random.normal(kx, (b, side, side, 3)),
                 jax.random.randint(ky, (b,), 0, 10)))
   return out, 10, "synthetic N(0,1) images, uniform labels"
 
 
-def make_model(config, num_classes):
+def make_model(config, num_classes, smoke=False):
   if config["model"] == "cnn":
     from xsam_optax.train import models
+    if smoke:
+      return (models.CNN(num_classes=num_classes, features=(4,)),
+              "the CLI's CNN with one block of 4 channels (--smoke)")
     return (models.make_model("cnn", num_classes=num_classes),
             "xsam_optax.train.models.CNN: 3x (Conv k3, 32 ch, BatchNorm, "
             "ReLU), stride 2 after the first; Dense")
@@ -180,6 +197,9 @@ def make_model(config, num_classes):
     return (models.make_model("mlp", num_classes=num_classes),
             "xsam_optax.train.models.MLP: 2x128 ReLU, no BatchNorm")
   import _resnet
+  if smoke:
+    return (_resnet.resnet18(num_classes, **_resnet.SMOKE),
+            "a 2-stage CIFAR-style ResNet (--smoke)")
   return (_resnet.resnet18(num_classes),
           "CIFAR-style ResNet-18 (BasicBlock 2-2-2-2, BatchNorm)")
 
@@ -208,7 +228,7 @@ def measure(args, config, table_rows):
   env = _common.environment()
   t0 = time.perf_counter()
   batches, num_classes, data_desc = make_batches(config)
-  model, model_desc = make_model(config, num_classes)
+  model, model_desc = make_model(config, num_classes, args.smoke)
   x0, y0 = batches[0]
   variables = loop.init_variables(model, x0, seed=0)
   lr = config["learning_rate"]
@@ -377,16 +397,6 @@ def summary(m) -> list[str]:
   return lines
 
 
-def default_json_path(device, model, env, smoke):
-  here = os.path.dirname(os.path.abspath(__file__))
-  if device == "gpu" and env["backend"] == "gpu":
-    card = re.sub(r"[^a-z0-9]+", "-", env["device_kind"].lower()).strip("-")
-  else:
-    card = f"cpu{env['cpu_count']}"
-  return os.path.join(here, "results",
-                      f"{device}-{model}-{card}{'-smoke' if smoke else ''}.json")
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.device == "cpu":
@@ -400,32 +410,32 @@ def main(argv=None) -> int:
              "install jax[cuda12] or use --smoke to dry-run on CPU")
   model = args.model or {"cpu": "cnn", "gpu": "resnet18"}[args.device]
   config = dict(CONFIGS[model])
-  if args.smoke:
-    config.update(SMOKE)
   config.setdefault("steps_per_sample", 1)
   for key in ("batch_size", "rounds", "steps_per_sample"):
     if getattr(args, key) is not None:
       config[key] = getattr(args, key)
+  if args.smoke:  # Over the command's sizes.
+    config.update(SMOKE)
   table_rows = [r for r in rows(args.paths)
                 if r.optimizer != "xsam" or not args.only
                 or re.search(args.only, r.name)]
+  if args.smoke:
+    table_rows = smoke_rows(table_rows)
   m = measure(args, config, table_rows)
   results, table = report(table_rows, m)
   lines = summary(m)
   print(table)
   print("\n".join(lines))
-  if not args.no_json:
-    path = args.json or default_json_path(args.device, model,
-                                          m["environment"], args.smoke)
-    _common.write_json(path, {
+  if args.json:
+    _common.write_json(args.json, {
         "benchmark": "step_overhead", "device": args.device, "model": model,
-        "smoke": args.smoke, "command": shlex.join(["python"] + sys.argv),
+        "smoke": args.smoke, "command": _common.command("step_overhead", argv),
         "config": {**config, "model_description": m["model_description"],
                    "data_description": m["data_description"],
                    "param_count": m["param_count"],
                    "param_bytes": m["param_bytes"],
                    "base_optimizer": "SGD momentum 0.9, weight decay 5e-4 "
-                                     "(xsam_optax.train.loop.make_optimizer)",
+                                     "(xsam_optax.train.optimizers.make_optimizer)",
                    "rho": 0.05, "alpha": 0.2},
         **{k: m[k] for k in ("environment", "seconds", "timings", "flops",
                              "memory_xla", "memory_breakdown",

@@ -819,8 +819,10 @@ def format_page(a: Analysis, runs, figures: str = "../experiments/results") -> s
 
   # ------------------------------------------------------------------ reproduce
   commands = sorted({r["command"] for r in runs})
-  with_commit = [r for r in runs if r.get("environment", {}).get("commit")]
-  commits = sorted({r["environment"]["commit"][:12] for r in with_commit})
+  commit_of = lambda r: (r.get("environment", {}).get("commit")  # records before provenance()
+                         or r.get("environment", {}).get("git_commit"))
+  with_commit = [r for r in runs if commit_of(r) not in (None, "unknown")]
+  commits = sorted({commit_of(r)[:12] for r in with_commit})
   example = next(r for r in runs if r["setting"] == "digits_mlp" and r["method"] == "sgd")
   add(["## Reproduce", "",
        "From scratch (skip-if-exists: an interrupted study resumes where it stopped), then this "
@@ -839,8 +841,9 @@ def format_page(a: Analysis, runs, figures: str = "../experiments/results") -> s
          "`tests/test_study.py` reruns one stored run this way and checks that it reproduces "
          "the training, validation and test accuracies exactly and the losses to a relative "
          "1e-6 (XLA:CPU may sum floats in another order).", "",
-         "Records store the library's version and the git commit of the checkout that wrote "
-         "them (`environment`: `xsam_optax`, `commit`, `dirty`, with jax's and optax's versions)"
+         "Records store the git commit of the checkout that wrote them and the packages' "
+         "versions (`environment`: `git_commit`, `git_modified`, `versions`; `commit` and "
+         "`dirty` in the first records that had them)"
          + (f"; {len(with_commit)} of the {n_runs} records have them (commit "
             f"{', '.join(commits)}), the older ones name only the jax and optax versions."
             if len(with_commit) < n_runs else "."), ""])

@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
   add("--quick", action="store_true",
       help="smoke test: digits, 320 examples, 1 epoch, SGD and X-SAM, grid on seed 0, seed 1 at "
            "the chosen rate")
+  add("--smoke", action="store_true",
+      help="any command, tiny: its first setting, of its methods SGD and X-SAM (else its first), "
+           "its first two seeds (the grid on the first), 320 examples, 1 epoch, no grid "
+           "extension, a CNN of one block, no XLA cache; checks a command end to end in seconds")
   add("--cache-dir", default=os.path.join("/tmp", "xsam-study-jax-cache"),
       help="persistent XLA cache ('' disables)")
   add("--out", default=os.path.join("experiments", "results"))
@@ -189,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
 QUICK = ["--settings", "digits_mlp", "--methods", "sgd", "xsam", "--seeds", "0", "1",
          "--grid-seeds", "0", "--epochs", "1", "--batch-size", "64", "--train-size", "320",
          "--eig-iters", "3", "--eval-batch-size", "64", "--max-extend", "1"]
+
+
+SMOKE_METHODS = ("sgd", "xsam")
+
+
+def apply_smoke(args: argparse.Namespace) -> argparse.Namespace:
+  """``args`` cut to a smoke run (``--smoke``): the command's code path on tiny sizes."""
+  args.settings = args.settings[:1]
+  args.methods = [m for m in args.methods if m in SMOKE_METHODS] or args.methods[:1]
+  args.seeds = args.seeds[:2]
+  args.grid_seeds = args.seeds[:1]
+  args.epochs, args.batch_size, args.train_size = 1, 64, 320
+  args.eig_iters, args.eval_batch_size, args.max_extend = 3, 64, 0
+  args.cache_dir = ""
+  return args
 
 
 class Split(NamedTuple):
@@ -339,7 +358,10 @@ class Group:
     self.epochs = args.epochs or self.cfg["epochs"]
     self.split = split = load_split(self.cfg["dataset"], label_noise=self.cfg["label_noise"],
                                     train_size=args.train_size)
-    self.model = model = models.make_model(self.cfg["model"], num_classes=split.num_classes)
+    if args.smoke and self.cfg["model"] == "cnn":  # one block of 4 channels: compiles quickly
+      self.model = model = models.CNN(num_classes=split.num_classes, features=(4,))
+    else:
+      self.model = model = models.make_model(self.cfg["model"], num_classes=split.num_classes)
     bs = args.batch_size
     self.steps_per_epoch = len(split.x_train) // bs
     if self.steps_per_epoch < 1:
@@ -643,32 +665,14 @@ def _claim(out: str, setting: str, method: str) -> bool:
     return False
 
 
-def library_commit() -> dict[str, Any]:
-  """The git commit of the checkout that runs the study, and whether it had local changes.
-
-  ``{"commit": None, "dirty": None}`` outside a git checkout (or without git).
-
-  Example:
-    >>> sorted(library_commit())
-    ['commit', 'dirty']
-  """
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                            text=True, check=True, timeout=30).stdout.strip()
-    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, check=True, timeout=30).stdout
-  except (OSError, subprocess.SubprocessError):
-    return {"commit": None, "dirty": None}
-  return {"commit": commit, "dirty": bool(dirty.strip())}
-
-
 def main(argv: list[str] | None = None) -> int:
   """Runs the study (or one worker of it); returns the process exit status."""
   argv = sys.argv[1:] if argv is None else list(argv)
   args = build_parser().parse_args(argv)
   if args.quick:
     args = build_parser().parse_args(QUICK + [a for a in argv if a != "--quick"])
+  if args.smoke:
+    args = apply_smoke(args)
   command = _command([a for a in argv if a != "--worker"])
   if args.workers > 1 and not args.worker:
     # Worker processes (one XLA thread each) take the groups from a shared
@@ -688,10 +692,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.cache_dir:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  import xsam_optax  # pylint: disable=g-import-not-at-top
+  from xsam_optax.train import report  # pylint: disable=g-import-not-at-top
 
-  environment = {"xsam_optax": xsam_optax.__version__, **library_commit(),
-                 "jax": jax.__version__, "optax": optax.__version__,
+  environment = {**report.provenance(), "jax": jax.__version__, "optax": optax.__version__,
                  "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
                  "python": platform.python_version(), "machine": platform.machine(),
                  "workers": args.workers}

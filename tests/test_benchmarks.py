@@ -1,10 +1,10 @@
 """The benchmarks' bookkeeping: FLOP amortisation and the performance page.
 
-No timing and no compilation here, except the compile-time benchmark's
-smoke run (tiny trees, about half a minute on 2 cores): the arithmetic that
-turns compiled programs' counts into a row's cost, and the page written from
-the committed results (its code blocks are commands and tables, never Python
-that the documentation tests would run).
+No timing and no compilation here: the arithmetic that turns compiled
+programs' counts into a row's cost, and the page written from the committed
+results (its code blocks are commands and tables, never Python that the
+documentation tests would run). The scripts themselves run, in their smoke
+mode, in ``test_page_commands.py``.
 """
 
 import json
@@ -18,7 +18,6 @@ BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
 import _schedules  # noqa: E402  pylint: disable=wrong-import-position
-import compile_time  # noqa: E402  pylint: disable=wrong-import-position
 import groups  # noqa: E402  pylint: disable=wrong-import-position
 import report  # noqa: E402  pylint: disable=wrong-import-position
 import step_overhead  # noqa: E402  pylint: disable=wrong-import-position
@@ -106,21 +105,6 @@ def test_from_root_rewrites_commands_run_inside_benchmarks():
       "python benchmarks/quality.py --json benchmarks/results/a.json")
   same = "python benchmarks/estimators.py --json benchmarks/results/e.json"
   assert report.from_root(same) == same
-
-
-def test_compile_time_smoke(tmp_path):
-  """Every candidate compiles; the HLO grows with the number of leaves."""
-  path = tmp_path / "c.json"
-  assert compile_time.main(["--smoke", "--json", str(path)]) == 0
-  rows = json.loads(path.read_text())["rows"]
-  small, large = compile_time.SMOKE_LEAVES
-  for leaves in (small, large):
-    got = {r["candidate"] for r in rows if r["leaves"] == leaves}
-    assert got == {c.name for c in compile_time.CANDIDATES}
-  assert all(r["compile_s"] > 0 and r["hlo_instructions"] > 0 for r in rows)
-  contrib = {r["leaves"]: r["hlo_instructions"] for r in rows
-             if r["candidate"] == "contrib.sam"}
-  assert contrib[large] > contrib[small]
 
 
 def test_collective_count_reads_tuple_and_async_all_reduces():

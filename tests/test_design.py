@@ -139,7 +139,10 @@ def test_the_package_ships_a_type_marker_and_its_license():
   with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
     pyproject = f.read()
   assert re.search(r'xsam_optax = \[[^\]]*"py\.typed"', pyproject)
-  assert 'license = { text = "Apache-2.0" }' in pyproject
+  # The SPDX expression (PEP 639), which setuptools reads from version 77 on.
+  assert '\nlicense = "Apache-2.0"\n' in pyproject
+  assert '\nlicense-files = ["LICENSE"]\n' in pyproject
+  assert 'requires = ["setuptools>=77"]' in pyproject
   with open(os.path.join(ROOT, "LICENSE"), encoding="utf-8") as f:
     license_text = f.read()
   assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text

@@ -99,6 +99,35 @@ def test_prints_final_table(quick_run):
   assert "test acc" in lines[header] and "ms/step" in lines[header]
   rows = [line.split()[0] for line in lines[header + 1: header + 4]]
   assert rows == ["sgd", "sam", "xsam"]
+  # Each row states its configuration: the flags that set it (QUICK and the fixture's).
+  update_every = "1" if quick_run["dataset"] == "digits" else "3"
+  assert lines[header + 1].endswith("  -")
+  assert lines[header + 2].endswith("  rho 0.05")
+  assert lines[header + 3].endswith(
+      f"  rho 0.05, alpha 0.2, power 2 every {update_every}, hessian")
+
+
+def test_metrics_record_the_code_that_produced_them(quick_run):
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  environment = quick_run["metrics"]["environment"]
+  for name in ("jax", "jaxlib", "optax", "flax"):
+    assert environment["versions"][name] == importlib.metadata.version(name)
+  commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(xsam_optax.__file__), check=False).stdout.strip()
+  assert environment["git_commit"] == (commit or "unknown")
+
+
+def test_table_names_each_rows_settings():
+  """Another curvature, rule or normalisation shows in the X-SAM row."""
+  from xsam_optax.train import report  # pylint: disable=g-import-not-at-top
+  args = cli.parse_args(["--curvature", "gauss-newton", "--rule", "sign_invariant",
+                         "--no-normalize", "--method", "lanczos", "--num-iters", "3",
+                         "--update-every", "5", "--rho", "0.1", "--alpha", "0.5"])
+  config = cli._run_config(args, "xsam")  # pylint: disable=protected-access
+  assert report.describe(config) == (
+      "rho 0.1, alpha 0.5, lanczos 3 every 5, gauss-newton, sign_invariant, not normalised")
+  assert report.describe(cli._run_config(args, "sam")) == "rho 0.1"  # pylint: disable=protected-access
+  assert report.describe(cli._run_config(args, "sgd")) == "-"  # pylint: disable=protected-access
 
 
 def test_digits_accuracy_well_above_chance(digits_run):
@@ -328,7 +357,7 @@ def test_xsam_defaults_are_the_librarys():
     (["--update-every", "0"], "--update-every"),
     (["--curvature", "fisher"], "--curvature"),
     (["--method", "lanczos", "--num-iters", "1"],
-     "X-SAM settings: num_iters must be >= 2 with method='lanczos'"),
+     "--num-iters must be >= 2 with --method lanczos, got 1"),
     (["--rule", "sign-invariant"], "--rule"),
     (["--out", "/proc/no/such/folder"], "--out '/proc/no/such/folder' cannot be created"),
     (["--train-size", "10", "--batch-size", "64"], "--train-size"),
@@ -362,19 +391,81 @@ def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys,
 
 
 def test_cli_choices_are_the_names_the_library_accepts():
-  """--method and --rule list exactly the library's named estimators and rules."""
+  """The choices the parser lists (without importing them) are exactly the names
+  the library and the training modules accept."""
   from xsam_optax import _correction, _tracking  # the names' one home
   assert cli.METHODS == tuple(_tracking.METHODS)
   assert cli.RULES == tuple(_correction.RULES)
+  assert cli.MODELS == models.MODELS
+  assert cli.OPTIMIZERS == optimizers.OPTIMIZERS
+  assert cli.CURVATURES == optimizers.CURVATURES
+  assert set(cli.DATASET_PACKAGES) == set(data_lib.DATASETS)
 
 
-def test_bad_flag_from_the_shell():
-  proc = subprocess.run(
-      [sys.executable, "-m", "xsam_optax.train.cli", "--rho", "-1"],
-      capture_output=True, text=True, check=False,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert proc.returncode == 2
-  assert proc.stderr.strip().count("\n") == 0 and "--rho" in proc.stderr
+def test_library_exports_every_public_name():
+  """``xsam_optax`` imports its names on first use: each one resolves, as ``__all__`` says."""
+  assert set(xsam_optax.__all__) == set(xsam_optax._EXPORTS)  # pylint: disable=protected-access
+  for name in xsam_optax.__all__:
+    assert getattr(xsam_optax, name).__module__ == xsam_optax._EXPORTS[name], name  # pylint: disable=protected-access
+  with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+    getattr(xsam_optax, "nonexistent")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Runs xsam-train's main() with sys.argv[1:] (after an optional setup line) and
+# prints, last on stdout, the heavy packages that were imported by then.
+SHELL = """
+import sys
+{setup}
+from xsam_optax.train import cli
+try:
+  status = cli.main(sys.argv[1:])
+except SystemExit as e:
+  status = e.code
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"jax", "jaxlib", "flax", "optax"}})
+print("imported:", heavy)
+sys.exit(status)
+"""
+
+
+def _shell(*argv, setup=""):
+  return subprocess.run([sys.executable, "-c", SHELL.format(setup=setup), *argv],
+                        capture_output=True, text=True, check=False, cwd=ROOT)
+
+
+def test_help_and_bad_flags_answer_before_jax_is_imported(tmp_path):
+  """--help and every flag error need no JAX (it takes seconds to import)."""
+  helped = _shell("--help")
+  assert helped.returncode == 0 and "--overwrite" in helped.stdout
+  assert helped.stdout.splitlines()[-1] == "imported: []"
+  for argv in (["--rho", "-1"], ["--method", "lanczos", "--num-iters", "1"],
+               ["--dataset", "cifar10"]):
+    bad = _shell(*argv, "--out", str(tmp_path))
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("xsam-train: error:")
+    assert bad.stdout.splitlines()[-1] == "imported: []", argv
+
+
+def test_without_the_train_extra_one_line_names_it(tmp_path):
+  """A plain `pip install` lacks Flax: one line says which extra to install."""
+  proc = _shell(*TINY, "--out", str(tmp_path), setup="sys.modules['flax'] = None")
+  assert proc.returncode == 1, proc.stderr
+  assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+  assert proc.stderr.startswith("xsam-train: error:") and "flax" in proc.stderr
+  assert proc.stderr.rstrip().endswith("pip install 'xsam-optax[train]'")
+  assert not os.listdir(tmp_path)
+
+
+def test_out_refuses_an_earlier_run_unless_overwrite(tmp_path, capsys):
+  (tmp_path / "metrics.json").write_text("{}")
+  with pytest.raises(SystemExit) as exit_info:
+    cli.parse_args(["--out", str(tmp_path)])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "holds an earlier run (metrics.json)" in err
+  assert "--overwrite" in err
+  assert cli.parse_args(["--out", str(tmp_path), "--overwrite"]).overwrite
+  assert (tmp_path / "metrics.json").read_text() == "{}"  # parsing writes nothing
 
 
 # ------------------------------------------------------------------- Ctrl-C

@@ -25,10 +25,9 @@ import threading
 import time
 from typing import Any
 
+# Only light modules here: --help and flag errors answer before anything imports
+# JAX or Flax (the training modules are imported by _training_modules()).
 from xsam_optax.train import data as data_lib
-from xsam_optax.train import loop
-from xsam_optax.train import models
-from xsam_optax.train import optimizers
 from xsam_optax.train import report
 
 DESCRIPTION = """\
@@ -62,10 +61,35 @@ that finished.
 """
 
 
-# The library's named estimators and correction rules (a test checks that
-# these are exactly the names xsam_optax.xsam accepts).
+# The library's named estimators and correction rules, and the training
+# modules' models, optimizers and curvatures, restated so that parsing imports
+# none of them (a test checks that these are exactly the names they accept).
 METHODS = ("power", "lanczos")
 RULES = ("reference", "sign_invariant")
+MODELS = ("cnn", "mlp")
+OPTIMIZERS = ("sgd", "sam", "xsam")
+CURVATURES = ("hessian", "gauss-newton")
+
+# The modules of the `train` extra's packages that every run imports, and the
+# one each dataset needs.
+TRAIN_EXTRA = ("flax", "tqdm", "matplotlib")
+DATASET_PACKAGES = {"mnist1d": "mnist1d", "digits": "sklearn"}
+INSTALL_TRAIN = "pip install 'xsam-optax[train]'"
+
+
+def _training_modules(dataset: str):
+  """``(loop, optimizers, models)``, or one line naming the extra if a package is missing."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  for module in (*TRAIN_EXTRA, DATASET_PACKAGES[dataset]):
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      build_parser().exit(1, f"xsam-train: error: {e}; the training command needs the "
+                             f"'train' extra: {INSTALL_TRAIN}\n")
+  from xsam_optax.train import loop  # pylint: disable=g-import-not-at-top
+  from xsam_optax.train import models  # pylint: disable=g-import-not-at-top
+  from xsam_optax.train import optimizers  # pylint: disable=g-import-not-at-top
+  return loop, optimizers, models
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -84,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
   add("--dataset", choices=data_lib.DATASETS, default="mnist1d",
       help="mnist1d (generated offline) or digits (scikit-learn 8x8, fixed split); "
            "default %(default)s")
-  add("--model", choices=models.MODELS, default="cnn",
+  add("--model", choices=MODELS, default="cnn",
       help="cnn: 3 conv blocks with BatchNorm; mlp: 2 hidden layers, no BatchNorm; "
            "default %(default)s")
-  add("--optimizer", choices=optimizers.OPTIMIZERS + ("all",), default="all",
+  add("--optimizer", choices=OPTIMIZERS + ("all",), default="all",
       help="which optimizer(s) to train; default %(default)s")
   add("--epochs", type=int, default=30, help="default %(default)s")
   add("--batch-size", type=int, default=128, help="default %(default)s")
@@ -109,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="X-SAM Hessian-vector products per refresh; default %(default)s")
   add("--method", choices=METHODS, default="power",
       help="X-SAM eigenvector estimator; default %(default)s")
-  add("--curvature", choices=optimizers.CURVATURES, default="hessian",
+  add("--curvature", choices=CURVATURES, default="hessian",
       help="X-SAM refreshes: Hessian-vector products, or Gauss-Newton products of the "
            "logits (cheaper per product, positive semi-definite; for losses convex in "
            "the outputs, like cross-entropy); default %(default)s")
@@ -122,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
   add("--seed", type=int, default=0,
       help="seed for initialisation, data order and estimators; default %(default)s")
   add("--out", default="runs",
-      help="output directory for metrics.json and curves.png; default %(default)s")
+      help="output directory for metrics.json and curves.png; one that already holds "
+           "them is refused unless --overwrite; default %(default)s")
+  add("--overwrite", action="store_true",
+      help="replace the metrics.json and curves.png of an earlier run in --out")
   add("--eig-iters", type=int, default=10,
       help="Lanczos iterations of the per-epoch eigenvalue measurement; default %(default)s")
   add("--eval-batch-size", type=int, default=256,
@@ -154,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
        f"--sam-groups must divide --batch-size ({args.batch_size}), got {args.sam_groups}"),
       (args.update_every >= 1, f"--update-every must be >= 1, got {args.update_every}"),
       (args.num_iters >= 1, f"--num-iters must be >= 1, got {args.num_iters}"),
+      (args.method != "lanczos" or args.num_iters >= 2,
+       f"--num-iters must be >= 2 with --method lanczos, got {args.num_iters}"),
       (args.eig_iters >= 1, f"--eig-iters must be >= 1, got {args.eig_iters}"),
       (args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}"),
       (args.train_size is None or args.train_size >= args.batch_size,
@@ -164,13 +193,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   for ok, message in checks:
     if not ok:
       parser.error(message)
-  try:  # The library's own checks of the X-SAM settings, before any training.
-    _make_optimizer(args, "xsam", learning_rate=args.lr)
-  except ValueError as e:
-    parser.error(f"X-SAM settings: {e}")
+  earlier = [f for f in RESULT_FILES if os.path.exists(os.path.join(args.out, f))]
+  if earlier and not args.overwrite:
+    parser.error(f"--out {args.out!r} holds an earlier run ({', '.join(earlier)}); "
+                 "pass --overwrite to replace it, or another --out")
   if not _writable_folder(args.out):
     parser.error(f"--out {args.out!r} cannot be created or written to")
   return args
+
+
+RESULT_FILES = ("metrics.json", "curves.png")
+
+
+def check_xsam_settings(args: argparse.Namespace) -> None:
+  """The library's own checks of the X-SAM settings (imports JAX), before any training."""
+  try:
+    _make_optimizer(args, "xsam", learning_rate=args.lr)
+  except ValueError as e:
+    build_parser().error(f"X-SAM settings: {e}")
 
 
 def _writable_folder(path: str) -> bool:
@@ -189,6 +229,7 @@ def _writable_folder(path: str) -> bool:
 
 
 def _make_optimizer(args: argparse.Namespace, name: str, *, learning_rate):
+  _, optimizers, _ = _training_modules(args.dataset)
   return optimizers.make_optimizer(
       name, learning_rate=learning_rate, momentum=args.momentum,
       weight_decay=args.weight_decay, rho=args.rho, alpha=args.alpha,
@@ -199,6 +240,7 @@ def _make_optimizer(args: argparse.Namespace, name: str, *, learning_rate):
 
 
 def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
+  _, optimizers, _ = _training_modules(args.dataset)
   config = {
       "optimizer": name,
       "base": {"name": "sgd", "momentum": args.momentum, "weight_decay": args.weight_decay,
@@ -218,10 +260,10 @@ def _run_config(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 def _names(args: argparse.Namespace) -> tuple[str, ...]:
   """The optimizers the flags ask for, in the order they train."""
-  return optimizers.OPTIMIZERS if args.optimizer == "all" else (args.optimizer,)
+  return OPTIMIZERS if args.optimizer == "all" else (args.optimizer,)
 
 
-def _train_all(args: argparse.Namespace, protocol: loop.Protocol, variables, eval_fn,
+def _train_all(args: argparse.Namespace, protocol, variables, eval_fn,
                top_eigenvalue_fn, runs: dict[str, dict[str, Any]]) -> None:
   """Trains every optimizer the flags name under one protocol.
 
@@ -230,6 +272,7 @@ def _train_all(args: argparse.Namespace, protocol: loop.Protocol, variables, eva
   """
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
+  loop, _, _ = _training_modules(args.dataset)
   for name in _names(args):
     optimizer = _make_optimizer(args, name, learning_rate=protocol.schedule)
     with tqdm(total=protocol.total_steps, desc=f"{name:>4}", unit="step",
@@ -248,7 +291,7 @@ def _train_all(args: argparse.Namespace, protocol: loop.Protocol, variables, eva
     print(f"{name}: finished, test accuracy {result.test_accuracy[-1]:.4f}", flush=True)
 
 
-def _metrics(args: argparse.Namespace, protocol: loop.Protocol, runs,
+def _metrics(args: argparse.Namespace, protocol, runs,
              shared_compile_seconds: float) -> dict[str, Any]:
   """``metrics.json``: the protocol, the environment and every run."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -270,7 +313,8 @@ def _metrics(args: argparse.Namespace, protocol: loop.Protocol, runs,
                          "mean_ms_per_step excludes epoch 1",
           "shared_compile_seconds": shared_compile_seconds,
       },
-      "environment": {"jax": jax.__version__, "optax": optax.__version__,
+      "environment": {**report.provenance(),
+                      "jax": jax.__version__, "optax": optax.__version__,
                       "backend": jax.default_backend(),
                       "devices": str(jax.devices()), "cpu_count": os.cpu_count(),
                       "python": platform.python_version()},
@@ -288,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
   runs: dict[str, dict[str, Any]] = {}
   shared: dict[str, Any] = {}  # the protocol and its compile time, once known
   try:
+    check_xsam_settings(args)
     _run(args, runs, shared)
   except KeyboardInterrupt:
     return _interrupted(args, runs, shared)
@@ -299,6 +344,7 @@ def _run(args: argparse.Namespace, runs: dict[str, dict[str, Any]],
   """Loads the data, trains every optimizer into ``runs`` and writes the results."""
   import jax  # pylint: disable=g-import-not-at-top
 
+  loop, _, _ = _training_modules(args.dataset)
   dataset = data_lib.load_dataset(args.dataset, train_size=args.train_size)
   if len(dataset.x_train) < args.batch_size:  # Checked before anything compiles.
     limit = "" if args.train_size is None else f" (--train-size {args.train_size})"
