@@ -29,8 +29,9 @@ EXTRA_OPTIMIZERS = ("eigensam",)
 # What the eigenvector refreshes multiply by: the Hessian of the training
 # loss (the transforms' default), or the Gauss-Newton matrix of the logits
 # (positive semi-definite; the Hessian's curvature for a loss convex in the
-# outputs, such as cross-entropy, without the second-order network terms).
-CURVATURES = ("hessian", "gauss-newton")
+# outputs, such as cross-entropy, without the second-order network terms), or
+# one-gradient finite differences of the gradient (guarded against ReLU kinks).
+CURVATURES = ("hessian", "gauss-newton", "finite-difference")
 
 # What reaches the base optimizer, stated in the metrics config of each run.
 GRADIENT_GIVEN = {
@@ -83,7 +84,10 @@ def make_optimizer(
   ``curvature="gauss-newton"`` makes the refreshes of X-SAM and Eigen-SAM
   multiply by the Gauss-Newton matrix of the logits instead of the Hessian:
   cheaper per product, positive semi-definite, and for a loss convex in the
-  outputs the Hessian without its second-order network terms. The returned
+  outputs the Hessian without its second-order network terms;
+  ``"finite-difference"`` by one-gradient differences of the gradient
+  (:func:`xsam_optax.finite_difference_fn`, from the step's own gradient),
+  the cheapest product. The returned
   :class:`Optimizer` carries ``update_every`` as its ``refresh_every``, the
   one place the host's schedule comes from. The transforms validate their
   own settings.
