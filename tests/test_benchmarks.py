@@ -92,12 +92,14 @@ def test_flop_rows_only_a_smaller_run_priced_are_merged_in():
       "name": name, "path": path, "optimizer": optimizer,
       "flops_ratio_to_sam": ratio}
   big = {"command": "big", "rows": [row("SAM", 1.0, None, "sam"),
-                                    row("X-SAM a", 1.5), row("X-SAM b", 1.2)]}
+                                    row("X-SAM a", 1.5), row("X-SAM b", 1.2),
+                                    row("X-SAM d", 2.0)]}
   small = {"command": "small", "rows": [row("SAM", 1.01, None, "sam"),
                                         row("X-SAM c", 1.1),
                                         row("X-SAM c", 1.3, "none")]}
   merged = report._merged_flops([small, big])  # pylint: disable=protected-access
   assert [(r["name"], r["flops_ratio_to_sam"]) for r in merged["rows"]] == [
-      ("SAM", 1.0), ("X-SAM a", 1.5), ("X-SAM b", 1.2), ("X-SAM c", 1.1)]
+      ("SAM", 1.0), ("X-SAM a", 1.5), ("X-SAM b", 1.2), ("X-SAM d", 2.0),
+      ("X-SAM c", 1.1)]
   assert merged["command"] == "big\nsmall"
-  assert big["rows"][-1]["name"] == "X-SAM b"  # the inputs are left alone
+  assert big["rows"][-1]["name"] == "X-SAM d"  # the inputs are left alone
