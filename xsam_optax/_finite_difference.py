@@ -68,7 +68,13 @@ def finite_difference_fn(
   of :math:`1.0\cdot 10^{-7}` in float32, which leaves products within a few
   percent of the exact ones where no unit flips (:math:`4.5\cdot 10^{-12}`
   in float64: relative rounding errors near :math:`10^{-4}` on a smooth
-  loss; ``scale=0.01`` gives :math:`10^{-6}` there). In bfloat16 no step
+  loss; ``scale=0.01`` gives :math:`10^{-6}` there). At that step float32
+  rounds :math:`\theta + h v` to its grid: a parameter of order one moves by
+  about one unit in the last place, so the direction actually multiplied
+  is :math:`v` plus a rounding error of comparable size, and the product is
+  off by up to tens of percent where no eigenvalue dominates the Hessian;
+  along a network's top eigenvector, which a refresh multiplies, the error
+  stays small. In bfloat16 no step
   is both representable and below the kinks: keep exact products
   (:func:`hvp`) for half precision.
 
@@ -113,7 +119,7 @@ def finite_difference_fn(
     >>> import jax, jax.numpy as jnp
     >>> import xsam_optax
     >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p["w"] ** 2)
-    >>> params = {"w": jnp.array([1.0, -1.0])}
+    >>> params = {"w": jnp.array([0.01, -0.01])}
     >>> fd = xsam_optax.finite_difference_fn(jax.grad(loss))
     >>> hv = fd(params, {"w": jnp.array([0.0, 1.0])})
     >>> [round(float(x), 1) for x in hv["w"]]
