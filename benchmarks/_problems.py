@@ -9,7 +9,10 @@ batch size, and its training set. Three problems:
 * ``mlp-digits``: the CLI's MLP (no BatchNorm) on scikit-learn's 8x8 digits;
 * ``strided-mnist1d``: a conv net of another shape than the CLI's, two
   strided 1-D convolutions (k5, stride 2, 16 and 32 channels) with BatchNorm
-  and a linear head, on MNIST-1D.
+  and a linear head, on MNIST-1D;
+* ``attention-mnist1d``: another family, a one-block pre-LayerNorm
+  transformer (the signal cut into 10 tokens of 4, self-attention with 2
+  heads, a GELU MLP, no BatchNorm, no ReLU), on MNIST-1D.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from xsam_optax.train import loop
 from xsam_optax.train import models
 
 PROBLEMS = {"cnn-mnist1d": ("mnist1d", "cnn"), "mlp-digits": ("digits", "mlp"),
-            "strided-mnist1d": ("mnist1d", "strided")}
+            "strided-mnist1d": ("mnist1d", "strided"),
+            "attention-mnist1d": ("mnist1d", "attention")}
 BATCH_SIZE = 128
 
 
@@ -44,6 +48,27 @@ class StridedConvNet(nn.Module):
                        momentum=models.BATCHNORM_MOMENTUM)(x)
       x = nn.relu(x)
     return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
+
+
+class AttentionNet(nn.Module):
+  """Tokens of ``patch`` samples, one pre-LayerNorm transformer block, mean pool, Dense."""
+
+  num_classes: int
+  patch: int = 4
+  width: int = 32
+  heads: int = 2
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # No BatchNorm: the same function in training and evaluation.
+    n, length = x.shape[0], x.shape[1]
+    x = nn.Dense(self.width)(x.reshape((n, length // self.patch, -1)))
+    x = x + self.param("position", nn.initializers.normal(0.02),
+                       x.shape[1:], x.dtype)
+    x = x + nn.MultiHeadDotProductAttention(self.heads)(nn.LayerNorm()(x))
+    y = nn.gelu(nn.Dense(2 * self.width)(nn.LayerNorm()(x)))
+    x = x + nn.Dense(self.width)(y)
+    return nn.Dense(self.num_classes)(jnp.mean(nn.LayerNorm()(x), axis=1))
 
 
 class Problem(NamedTuple):
@@ -68,12 +93,18 @@ class Problem(NamedTuple):
 def load(name: str) -> Problem:
   dataset_name, model_name = PROBLEMS[name]
   ds = data_lib.load_dataset(dataset_name)
-  model = (StridedConvNet(ds.num_classes) if model_name == "strided" else
-           models.make_model(model_name, num_classes=ds.num_classes))
+  if model_name == "strided":
+    model = StridedConvNet(ds.num_classes)
+  elif model_name == "attention":
+    model = AttentionNet(ds.num_classes)
+  else:
+    model = models.make_model(model_name, num_classes=ds.num_classes)
   what = {"cnn": "CLI CNN, 3x (Conv k3, 32 ch, BatchNorm, ReLU), Dense",
           "mlp": "CLI MLP, 2x128 ReLU, no BatchNorm",
           "strided": "2x (Conv k5 stride 2, 16/32 ch, BatchNorm, ReLU), "
-                     "Dense"}[model_name]
+                     "Dense",
+          "attention": "10 tokens of 4, one pre-LayerNorm block (2-head "
+                       "attention, GELU MLP), mean pool, Dense"}[model_name]
   return Problem(name, model, ds.x_train, ds.y_train, BATCH_SIZE,
                  f"{what}; {dataset_name} ({len(ds.x_train)} training "
                  f"examples), batch {BATCH_SIZE}")

@@ -7,7 +7,8 @@ refresh period (``update_every``), which batch the products see (the leading
 exact forward-over-reverse Hessian-vector product; ``"gn"``: a Gauss-Newton
 product of the training-mode logits, ``xsam_optax.gauss_newton_fn`` through
 ``loop.make_gauss_newton_fn``; ``"fd"``: a one-gradient finite difference,
-``xsam_optax.finite_difference_fn`` with the step's own gradient). All of it
+``xsam_optax.finite_difference_fn`` with the step's own gradient, guarded by
+its default ``max_growth`` unless ``max_growth`` says otherwise). All of it
 reaches the library through its public API: ``eigenvector_correction(method=,
 num_iters=)`` and ``update(..., refresh=True, curvature_fn=...)``, so the
 vectors scored are exactly the ones the library's correction would use.
@@ -16,6 +17,7 @@ vectors scored are exactly the ones the library's correction would use.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,9 @@ from xsam_optax.train import loop
 import _problems
 
 PRODUCTS = {"hvp": "", "gn": ", Gauss-Newton", "fd": ", finite differences"}
+# finite_difference_fn's default guard, read from its signature.
+FD_MAX_GROWTH = inspect.signature(
+    xsam_optax.finite_difference_fn).parameters["max_growth"].default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +41,20 @@ class Schedule:
   update_every: int
   fraction: float = 1.0
   product: str = "hvp"  # "hvp" | "gn" | "fd"
+  # The finite-difference products' guard (finite_difference_fn's
+  # max_growth; None: unguarded); ignored by the other products.
+  max_growth: float | None = FD_MAX_GROWTH
 
   @property
   def name(self) -> str:
     out = f"{self.method} {self.num_iters} every {self.update_every}"
     if self.fraction < 1:
       out += f", 1/{round(1 / self.fraction)} batch"
-    return out + PRODUCTS[self.product]
+    out += PRODUCTS[self.product]
+    if self.product == "fd" and self.max_growth != FD_MAX_GROWTH:
+      out += (", no guard" if self.max_growth is None
+              else f", growth <= {self.max_growth:g}")
+    return out
 
   @property
   def products_per_step(self) -> float:
@@ -52,7 +64,8 @@ class Schedule:
   @property
   def program(self) -> tuple:
     """What a refresh step compiles to (the period plays no part in it)."""
-    return (self.method, self.num_iters, self.fraction, self.product)
+    return (self.method, self.num_iters, self.fraction, self.product,
+            self.max_growth if self.product == "fd" else None)
 
 
 REFERENCE = Schedule("power", 5, 5)  # the paper's code
@@ -65,7 +78,8 @@ def sweep() -> list[Schedule]:
   Sized for a 2-core machine (each distinct refresh program compiles once per
   problem): power with 1 product on the whole, half or a quarter of the batch
   every 1, 2, 3 or 5 steps; power 2 on the whole or half batch; Lanczos 2 and
-  4; one-gradient finite-difference products (power 1 and 2); the reference
+  4; one-gradient finite-difference products (power 1 and 2; power 1 every
+  1, 2, 3 steps also unguarded and with a looser guard); the reference
   (power 5 every 5), the old defaults (Lanczos 4 every 5) and power 10 every
   5, to see whether converging harder on one batch helps; and every
   whole-batch Hessian schedule with Gauss-Newton products.
@@ -75,6 +89,10 @@ def sweep() -> list[Schedule]:
     for f in (1.0, 0.5, 0.25):
       out.append(Schedule("power", 1, k, f))
     out.append(Schedule("power", 1, k, product="fd"))
+    if k <= 3:
+      # The guard's share: none, and a looser bound.
+      out += [Schedule("power", 1, k, product="fd", max_growth=None),
+              Schedule("power", 1, k, product="fd", max_growth=8.0)]
   for k in (2, 3, 5):
     out += [Schedule("power", 2, k), Schedule("power", 2, k, 0.5),
             Schedule("power", 2, k, product="fd"), Schedule("lanczos", 2, k),
@@ -107,7 +125,8 @@ def curvature(model, schedule: Schedule):
   def make(batch_stats, x, y, grads):
     if schedule.product == "fd":
       return xsam_optax.finite_difference_fn(
-          loop.make_grad_fn(model, batch_stats, x, y), grads)
+          loop.make_grad_fn(model, batch_stats, x, y), grads,
+          max_growth=schedule.max_growth)
     sub = loop.make_grad_fn(model, batch_stats,
                             *_problems.sub_batch(x, y, schedule.fraction))
     return lambda p, v: xsam_optax.hvp(sub, p, v)
@@ -117,10 +136,10 @@ def curvature(model, schedule: Schedule):
 
 def make_refresh(problem: _problems.Problem, program: tuple):
   """Jitted ``(opt_state, params, stats, x, y, grads) -> opt_state``: one refresh."""
-  method, num_iters, fraction, product = program
+  method, num_iters, fraction, product, max_growth = program
   tx = xsam_optax.eigenvector_correction(method=method, num_iters=num_iters)
   make = curvature(problem.model, Schedule(method, num_iters, 1, fraction,
-                                           product))
+                                           product, max_growth))
 
   def refresh(opt_state, params, stats, x, y, grads):
     if make == "hessian":

@@ -181,7 +181,12 @@ def _step_name(schedule_name: str) -> str:
   return f"X-SAM {schedule_name}"
 
 
-def choice_section(steps: dict, d: dict) -> str:
+def choice_section(steps: dict, d: dict,
+                   title: str = "Cost at the reference's quality",
+                   note: str = "Gauss-Newton products need the model's "
+                               "outputs and a loss convex in them "
+                               "(`gauss_newton_fn`).",
+                   skip_products: tuple = ()) -> str:
   """Each scored schedule's FLOPs next to whether it holds the reference's quality."""
   import numpy as np
   import quality
@@ -192,6 +197,8 @@ def choice_section(steps: dict, d: dict) -> str:
   problems = list(d["results"])
   rows = []
   for i, r0 in enumerate(d["results"][problems[0]]["rows"]):
+    if r0["product"] in skip_products:
+      continue
     worst = min(
         float(np.mean(d["results"][p]["rows"][i][kind]
                       ["minus_reference_per_seed"]))
@@ -208,16 +215,14 @@ def choice_section(steps: dict, d: dict) -> str:
             + ["worst mean - reference", "holds the reference's quality"])
   seeds = sorted({int(s) for r in d["results"].values() for s in r["per_seed"]})
   return "\n".join([
-      "## Cost at the reference's quality", "",
+      f"## {title}", "",
       "The schedules of the quality benchmark (below) priced in FLOPs (above), "
       "cheapest first by the last model's count. \"worst mean - reference\": "
       "over the models "
       f"({', '.join(problems)}) and both oracles, the lowest mean over seeds "
       f"({', '.join(map(str, seeds))}) of the schedule's score minus the "
       "reference's (power 5 every 5); a schedule holds the reference's quality "
-      f"when that is at least -{quality.TOLERANCE}. Gauss-Newton products "
-      "need the model's outputs and a loss convex in them "
-      "(`gauss_newton_fn`).", "",
+      f"when that is at least -{quality.TOLERANCE}. " + note, "",
       _common.format_table(header, rows), ""])
 
 
@@ -355,6 +360,10 @@ def _quality_title(d: dict) -> str:
   if any(r["product"] == "gn" for r in rows):
     return (f"Hessian, Gauss-Newton and finite-difference products, {n} "
             "models")
+  if any(r["name"].endswith(", no guard") for r in rows):
+    seeds = len(next(iter(d["results"].values()))["per_seed"])
+    return (f"Guarded finite-difference products beside exact ones, {n} "
+            f"models, {seeds} seeds")
   return f"A wider sweep of Hessian schedules, {n} models ({d['environment']['time'][:10]})"
 
 
@@ -364,28 +373,61 @@ def _table_of(d: dict) -> str:
 
 
 def fd_section(d: dict) -> str:
+  """The step sweep along the top eigenvector, and the products along tracking."""
+  steps = [str(h) for h in d["relative_steps"]] + ["default"]
+  header = ["problem", "step", "dtype"] + [
+      f"h_rel {h}" if h != "default" else "default" for h in steps]
   rows = []
   for name, r in d["results"].items():
+    cells = {}
     for a in r["accuracy"]:
       if a["direction"] == "top eigenvector":
-        rows.append((name, a["point"], a["dtype"], a["scale"],
-                     a["relative_error"], a["abs_cos"]))
+        cells.setdefault((a["point"], a["step"], a["dtype"]), {})[
+            str(a["scale"])] = a["relative_error"]
+    for (point, step, dtype), c in cells.items():
+      rows.append([name, f"{step} ({point})", dtype]
+                  + [f"{c[h]:.2g}" if h in c else "" for h in steps]
+                  + ([f"{c['exact jvp']:.2g}"] if "exact jvp" in c else [""]))
+  header.append("exact jvp in dtype")
+  track = [(name, t["summary"]["refreshes"], f"{t['summary']['median_error']:.3f}",
+            f"{t['summary']['p90_error']:.3f}", t["summary"]["crossed"],
+            t["summary"]["crossed_rejected"], t["summary"]["rejected"],
+            f"{t['summary']['max_accepted_error']:.2f}",
+            f"{t['summary']['max_accepted_error_after_first']:.2f}")
+           for name, r in d["results"].items()
+           for t in [r["tracking"]]]
   cost = "; ".join(
       f"{name}: " + ", ".join(f"{k} {v['gradients']:.2f} gradients"
-                              + (f" ({v['convolutions']} convolutions)"
-                                 if v.get("convolutions") else "")
                               for k, v in r["cost"].items() if k != "gradient")
-      for name, r in d["results"].items())
+      for name, r in d["results"].items() if "cost" in r)
   return ("## Finite-difference products against the exact product\n\n"
           f"{_command(d['command'])}\n"
-          f"Products: `{d.get('products', 'finite differences')}`; step "
-          f"{d['step_size_rule']}; error against the exact product along the "
-          "top eigenvector (20 exact power steps).\n\n"
-          + _common.format_table(("problem", "point", "dtype", "scale",
-                                  "rel. error", "abs. cosine"), rows)
-          + f"\n\nOne training step with one product per step, in "
-            f"gradients (wall, {d['environment']['cpu_count']}-core CPU): "
-            f"{cost}.\n")
+          f"Products: `{d['products']}`; step {d['step_size_rule']}; "
+          "relative error `||FD - Hv|| / ||Hv||` along the top eigenvector "
+          "(20 exact power steps) at three points of the quality benchmark's "
+          "seed-0 trajectory, for relative steps `h_rel = h / max(1, "
+          "||theta||)`. The bfloat16 rows compare with the float32 product; "
+          "below bfloat16's resolution the shift rounds away in most "
+          "parameters, and the product is zero (error 1) or made of the few "
+          "smallest ones that moved (errors far above 1).\n\n"
+          + _common.format_table(header, rows)
+          + "\n\nAlong tracking (" + d["tracking"] + ", default step and "
+            f"guard `max_growth={d['default_max_growth']}`): per refresh, the "
+            "error of its product against the exact product of the same "
+            f"vector; `crossed`: errors above {d.get('crossed', 3)} (a ReLU "
+            "kink between `theta` and `theta + h v`); `rejected`: refreshes "
+            "the guard turned down (a rejection also follows a real rise of "
+            "the curvature, and costs that one refresh); the largest error "
+            "of an accepted product, and of one after the first refresh "
+            "(which multiplies a random vector).\n\n"
+          + _common.format_table(
+              ("problem", "refreshes", "median error", "90% error", "crossed",
+               "crossed and rejected", "rejected", "largest accepted error",
+               "after the first"),
+              track)
+          + (f"\n\nOne training step with one product per step, in "
+             f"gradients (wall, {d['environment']['cpu_count']}-core CPU): "
+             f"{cost}.\n" if cost else "\n"))
 
 
 def refresh_memory_section(d: dict) -> str:
@@ -466,6 +508,21 @@ def compile_time_section(runs: list) -> str:
           + "\n")
 
 
+def _merged_flops(runs: list) -> dict:
+  """The run with the most rows, with the rows only the other runs have."""
+  runs = sorted(runs, key=lambda d: len(d["rows"]), reverse=True)
+  merged = dict(runs[0], rows=list(runs[0]["rows"]))
+  names = {r["name"] for r in merged["rows"]}
+  for d in runs[1:]:
+    extra = [r for r in d["rows"] if r["name"] not in names
+             and (r["path"] == "host" or r["optimizer"] != "xsam")]
+    if extra:
+      merged["rows"] += extra
+      names |= {r["name"] for r in extra}
+      merged["command"] += "\n" + d["command"]
+  return merged
+
+
 def page(results_dir: str) -> str:
   runs = {}
   for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
@@ -478,9 +535,9 @@ def page(results_dir: str) -> str:
   for d in runs.get("step_overhead", []):
     if "model" in d:
       by_model.setdefault(d["model"], []).append(d)
-  # FLOPs from each model's run with the most rows; wall from every run.
-  steps = {m: max(ds, key=lambda d: len(d["rows"]))
-           for m, ds in by_model.items()}
+  # FLOPs from each model's run with the most rows, plus the rows only
+  # smaller runs priced (their commands listed too); wall from every run.
+  steps = {m: _merged_flops(ds) for m, ds in by_model.items()}
   out = ["# Performance", "",
          "Every number on this page is written by a script in `benchmarks/` "
          "into `benchmarks/results/`, and the page by `python "
@@ -504,8 +561,23 @@ def page(results_dir: str) -> str:
   scored = [d for d in runs.get("quality", [])
             if any(r["product"] == "gn"
                    for r in next(iter(d["results"].values()))["rows"])]
+  guarded = sorted((d for d in runs.get("quality", [])
+                    if _quality_title(d).startswith("Guarded")),
+                   key=lambda d: d["environment"]["time"], reverse=True)
   if steps and scored:
-    out.append(choice_section(steps, scored[0]))
+    # Finite-difference rows from the run of the guarded products, if any.
+    out.append(choice_section(steps, scored[0],
+                              skip_products=("fd",) if guarded else ()))
+  if steps and guarded:
+    out.append(choice_section(
+        steps, guarded[0],
+        title="Finite-difference products: cost at the reference's quality",
+        note="Finite-difference rows: `curvature_fn=finite_difference_fn("
+             "grad_fn, grads)` with its default step and guard, also "
+             "unguarded (`max_growth=None`) and with a looser guard "
+             "(`max_growth=8`), which cost what the default does. The "
+             "finite-difference rows of the older quality runs further down "
+             "used a 35 times larger step and no guard."))
   timed = [d for m in MODELS for d in by_model.get(m, []) if d["timings"]]
   if timed:
     out.append(wall_intro())

@@ -137,3 +137,21 @@ def test_guide_states_the_committed_group_costs():
   assert (f"a whole SAM step has {c['sam groups=1']['step']} and {c['sam groups=8']['step']}, "
           f"an X-SAM step refreshing its eigenvector {c['xsam groups=1']['step']} and "
           f"{c['xsam groups=8']['step']}") in guide
+
+
+def test_flop_rows_only_a_smaller_run_priced_are_merged_in():
+  row = lambda name, ratio, path="host", optimizer="xsam": {
+      "name": name, "path": path, "optimizer": optimizer,
+      "flops_ratio_to_sam": ratio}
+  big = {"command": "big", "rows": [row("SAM", 1.0, None, "sam"),
+                                    row("X-SAM a", 1.5), row("X-SAM b", 1.2),
+                                    row("X-SAM d", 2.0)]}
+  small = {"command": "small", "rows": [row("SAM", 1.01, None, "sam"),
+                                        row("X-SAM c", 1.1),
+                                        row("X-SAM c", 1.3, "none")]}
+  merged = report._merged_flops([small, big])  # pylint: disable=protected-access
+  assert [(r["name"], r["flops_ratio_to_sam"]) for r in merged["rows"]] == [
+      ("SAM", 1.0), ("X-SAM a", 1.5), ("X-SAM b", 1.2), ("X-SAM d", 2.0),
+      ("X-SAM c", 1.1)]
+  assert merged["command"] == "big\nsmall"
+  assert big["rows"][-1]["name"] == "X-SAM d"  # the inputs are left alone

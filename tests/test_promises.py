@@ -32,8 +32,9 @@ def test_finite_difference_with_grads_takes_one_gradient_and_uses_them(x64):
   xsam_optax.finite_difference_fn(counted)(params, v)
   assert counted.calls == 2  # without grads, grad_fn(params) as well
   # The product differences against the given grads: shifting them by d
-  # shifts the product by -d / h, h = 0.01 sqrt(eps) max(1, ||params||).
-  h = 0.01 * np.sqrt(np.finfo(np.float64).eps) * max(
+  # shifts the product by -d / h, h = 3e-4 sqrt(eps) max(1, ||params||)
+  # (the documented default: 1e-7 of max(1, ||params||) in float32).
+  h = 3e-4 * np.sqrt(np.finfo(np.float64).eps) * max(
       1.0, np.linalg.norm(flat(params)))
   shifted = jax.tree.map(lambda g: g + 1e-9, grads)
   moved = xsam_optax.finite_difference_fn(grad_fn, shifted)(params, v)

@@ -320,6 +320,33 @@ def test_gauss_newton_curvature_reaches_the_refresh():
   assert max(jax.tree.leaves(difference)) > 1e-3
 
 
+def test_finite_difference_curvature_reaches_the_refresh():
+  """--curvature finite-difference: the step's refresh equals one built by
+  hand from xsam_optax.finite_difference_fn of the step's own gradient."""
+  import optax
+  import xsam_optax
+  x = jax.random.normal(jax.random.key(0), (16, 4, 4, 1))
+  y = jnp.arange(16) % 3
+  model = models.make_model("mlp", num_classes=3)
+  opt = optimizers.make_optimizer("xsam", learning_rate=0.1, num_iters=2,
+                                  curvature="finite-difference")
+  assert opt.curvature == "finite-difference"
+  state = loop.init_state(model, opt.tx, x, seed=0)
+  fd_state, _ = jax.jit(loop.make_train_step(model, opt.tx, curvature=opt.curvature),
+                        static_argnames="refresh")(state, x, y, refresh=True)
+
+  logits = lambda p: model.apply({"params": p}, x, train=True)
+  ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+  grad_fn = jax.grad(lambda p: ce(logits(p)))
+  _, by_hand = jax.jit(lambda s, p: opt.tx.update(
+      grad_fn(p), s, p, grad_fn=grad_fn, refresh=True,
+      curvature_fn=xsam_optax.finite_difference_fn(grad_fn, grad_fn(p))))(
+          state.opt_state, state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               optax.tree.get(fd_state.opt_state, "eigenvector"),
+               optax.tree.get(by_hand, "eigenvector"))
+
+
 def test_config_states_what_xsam_hands_the_base_optimizer():
   args = cli.parse_args(["--no-normalize", "--rule", "sign_invariant", "--alpha", "0.5"])
   config = cli._run_config(args, "xsam")  # pylint: disable=protected-access
@@ -532,9 +559,11 @@ def test_out_creates_a_folder_that_does_not_exist(tmp_path):
     ("adam", "hessian",
      "optimizer must be one of ('sgd', 'sam', 'xsam', 'eigensam'), got 'adam'"),
     ("xsam", "fisher",
-     "curvature must be one of ('hessian', 'gauss-newton'), got 'fisher'"),
+     "curvature must be one of ('hessian', 'gauss-newton', 'finite-difference'), "
+     "got 'fisher'"),
     ("sgd", "fisher",  # checked for every optimizer, used or not
-     "curvature must be one of ('hessian', 'gauss-newton'), got 'fisher'"),
+     "curvature must be one of ('hessian', 'gauss-newton', 'finite-difference'), "
+     "got 'fisher'"),
 ], ids=["optimizer", "curvature", "curvature of sgd"])
 def test_make_optimizer_names_an_unknown_optimizer_or_curvature(name, curvature,
                                                                 message):

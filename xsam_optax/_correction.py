@@ -164,8 +164,9 @@ def eigenvector_correction(
   ``grad_fn``: :func:`hessian_fn` of another gradient (e.g. on a sub-batch,
   cheaper per product, tracking that sub-batch's eigenvector) or
   :func:`gauss_newton_fn` (positive semi-definite, cheaper per product) or
-  :func:`finite_difference_fn` (one gradient per product, but inaccurate on
-  networks with ReLU and BatchNorm, see ``benchmarks/quality.py``). The
+  :func:`finite_difference_fn` (one gradient per product, with a step small
+  enough for ReLU networks and a guard the refresh applies against a product
+  that crossed a kink; float32 and float64 only). The
   SAM ascent and the correction still use ``grad_fn`` and the incoming
   gradient.
 

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from xsam_optax import _estimators
+from xsam_optax import _finite_difference
 from xsam_optax import _hvp
 from xsam_optax import _tree
 from xsam_optax import _validation
@@ -360,11 +361,14 @@ def _describe(value) -> str:
   return f"a value of type {kind}"
 
 
-def refreshed(state, product, settings: RefreshSettings):
+def refreshed(state, product, settings: RefreshSettings,
+              max_growth: Optional[float] = None):
   """The refreshed eigenvector, eigenvalue and residual (previous ones if it failed).
 
   ``product(v)`` is the curvature product on this replica; the estimator
-  gets it averaged over ``batch_axis_name``.
+  gets it averaged over ``batch_axis_name``. With ``max_growth`` (a
+  finite-difference product's guard), a refresh whose last product is
+  longer than ``max_growth`` times the last accepted one's fails too.
   """
   matvec = lambda v: _tree.batch_mean(product(v), settings.batch_axis_name)
   vector, value, residual = _checked_result(
@@ -373,6 +377,8 @@ def refreshed(state, product, settings: RefreshSettings):
   # built-in estimators report it as a finite eigenvalue with an infinite
   # residual): keep the previous estimate then.
   ok = jnp.isfinite(value) & jnp.isfinite(residual)
+  if max_growth is not None:
+    ok = ok & ~_grew_too_much(state, value, residual, max_growth)
   if settings.checks_vector:
     # The state promises a unit vector, and the correction's size depends on
     # it: a method's vector of another norm is normalised here, and a zero
@@ -386,14 +392,31 @@ def refreshed(state, product, settings: RefreshSettings):
   )
 
 
+def _grew_too_much(state, value, residual, max_growth: float) -> jax.Array:
+  """Whether the product outgrew the last accepted one by more than ``max_growth``.
+
+  For a unit ``u`` and its product ``w``, ``||w||^2 = (u.w)^2 + ||w - (u.w)
+  u||^2``: the eigenvalue and residual an estimator reports give the length
+  of its last product (of the Ritz vector's, for Lanczos), and the state's
+  those of the last accepted refresh. Unknown (a negative residual: before
+  the first refresh, after a rejected one) never rejects, so a real rise of
+  the curvature costs one refresh and cannot lock the vector in.
+  """
+  previous = jnp.hypot(state.eigenvalue, state.residual)
+  length = jnp.hypot(value, residual).astype(previous.dtype)
+  return (state.residual >= 0) & (length > max_growth * previous)
+
+
 def _kept(state):
   return state.eigenvector, state.eigenvalue, state.residual
 
 
 def _curvature_product(params, grad_fn, curvature_fn, owner: str):
-  """``v -> curvature_fn(params, v)``, by default the Hessian of grad_fn."""
+  """``(v -> curvature_fn(params, v), max_growth)``: by default the Hessian
+  of grad_fn, unguarded; ``max_growth`` is the guard a product carries
+  (:func:`finite_difference_fn`'s)."""
   if curvature_fn is None:
-    return functools.partial(_hvp.hessian_fn(grad_fn), params)
+    return functools.partial(_hvp.hessian_fn(grad_fn), params), None
   if not callable(curvature_fn):
     raise ValueError(
         f"{owner}: curvature_fn must be callable ((params, v) -> product "
@@ -401,7 +424,9 @@ def _curvature_product(params, grad_fn, curvature_fn, owner: str):
   _tree.check_same_structure(
       params, jax.eval_shape(curvature_fn, params, params),
       what="curvature_fn")
-  return functools.partial(curvature_fn, params)
+  max_growth = getattr(curvature_fn, _finite_difference.GROWTH_ATTRIBUTE, None)
+  _finite_difference.check_max_growth(max_growth)
+  return functools.partial(curvature_fn, params), max_growth
 
 
 def resolve_refresh(state: NamedTuple, refresh, settings: RefreshSettings):
@@ -452,18 +477,19 @@ def track(
   _validation.check_refresh(refresh)
   _tree.check_same_structure(
       params, jax.eval_shape(grad_fn, params), what="grad_fn")
-  product = _curvature_product(params, grad_fn, curvature_fn, owner)
+  product, max_growth = _curvature_product(params, grad_fn, curvature_fn,
+                                           owner)
   if not jax.tree.leaves(params):
     return _kept(state)  # Nothing to estimate.
   refresh = resolve_refresh(state, refresh, settings)
   if isinstance(refresh, bool):
     if refresh:
-      return refreshed(state, product, settings)
+      return refreshed(state, product, settings, max_growth)
     return _kept(state)
   every_step = functools.partial(_refresh_every_step, product=product,
-                                 settings=settings)
+                                 settings=settings, max_growth=max_growth)
   under_cond = functools.partial(_refresh_under_cond, product=product,
-                                 settings=settings)
+                                 settings=settings, max_growth=max_growth)
   return jax.lax.platform_dependent(
       refresh, state, default=under_cond,
       **{platform: every_step for platform in _EVERY_STEP_PLATFORMS})
@@ -480,16 +506,16 @@ def track(
 _EVERY_STEP_PLATFORMS = ("cpu",)
 
 
-def _refresh_every_step(refresh, state, *, product, settings):
+def _refresh_every_step(refresh, state, *, product, settings, max_growth):
   """The refresh computed unconditionally, kept only where ``refresh``."""
-  return optax.tree.where(refresh, refreshed(state, product, settings),
-                         _kept(state))
+  return optax.tree.where(
+      refresh, refreshed(state, product, settings, max_growth), _kept(state))
 
 
-def _refresh_under_cond(refresh, state, *, product, settings):
+def _refresh_under_cond(refresh, state, *, product, settings, max_growth):
   """The refresh under ``lax.cond``: computed only where ``refresh``."""
   return jax.lax.cond(
       refresh,
-      lambda s: refreshed(s, product, settings),
+      lambda s: refreshed(s, product, settings, max_growth),
       _kept,
       state)

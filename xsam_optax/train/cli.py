@@ -47,8 +47,9 @@ X-SAM refreshes its eigenvector at steps 0, k, 2k, ... (k = --update-every,
 default 2, the library's); with k > 1 its step is compiled twice, with and
 without the refresh, and the host picks one per step, so only refresh steps
 pay for the Hessian-vector products. --curvature gauss-newton multiplies by
-the Gauss-Newton matrix instead, the cheapest recipe for losses convex in the
-outputs such as cross-entropy.
+the Gauss-Newton matrix instead (for losses convex in the outputs such as
+cross-entropy); --curvature finite-difference by one-gradient differences of
+the gradient, the cheapest product (guarded against ReLU kinks).
 
 The top eigenvalue is measured after every epoch for every optimizer alike:
 Lanczos (--eig-iters Hessian-vector products, algebraically largest eigenvalue)
@@ -68,7 +69,7 @@ METHODS = ("power", "lanczos")
 RULES = ("reference", "sign_invariant")
 MODELS = ("cnn", "mlp")
 OPTIMIZERS = ("sgd", "sam", "xsam")
-CURVATURES = ("hessian", "gauss-newton")
+CURVATURES = ("hessian", "gauss-newton", "finite-difference")
 
 # The modules of the `train` extra's packages that every run imports, and the
 # one each dataset needs.
@@ -134,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
   add("--method", choices=METHODS, default="power",
       help="X-SAM eigenvector estimator; default %(default)s")
   add("--curvature", choices=CURVATURES, default="hessian",
-      help="X-SAM refreshes: Hessian-vector products, or Gauss-Newton products of the "
+      help="X-SAM refreshes: Hessian-vector products, Gauss-Newton products of the "
            "logits (cheaper per product, positive semi-definite; for losses convex in "
-           "the outputs, like cross-entropy); default %(default)s")
+           "the outputs, like cross-entropy), or finite differences of the gradient "
+           "(one gradient per product); default %(default)s")
   add("--no-normalize", dest="normalize", action="store_false",
       help="X-SAM: keep the SAM gradient's length instead of a unit direction")
   add("--rule", choices=RULES, default="reference",

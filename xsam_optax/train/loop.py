@@ -182,6 +182,8 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
   refreshes its eigenvector (``True``) or not (``False``) without ``lax.cond``.
   ``curvature="gauss-newton"`` hands ``tx.update`` a ``curvature_fn``
   (:func:`make_gauss_newton_fn`), so refreshes use the Gauss-Newton matrix;
+  ``"finite-difference"`` one of :func:`xsam_optax.finite_difference_fn`
+  from the step's clean gradient (one more gradient per product, guarded);
   ``"hessian"`` hands none, so they use the Hessian of ``grad_fn``.
   ``sam_groups > 1`` hands ``tx.update`` a ``grad_fn`` from
   :func:`xsam_optax.grouped_grad_fn` over that many equal groups of ``(x, y)``
@@ -211,6 +213,8 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, *,
       extra["curvature_fn"] = curvature(state.batch_stats, x, y, grads)
     elif curvature == "gauss-newton":
       extra["curvature_fn"] = make_gauss_newton_fn(model, state.batch_stats, x, y)
+    elif curvature == "finite-difference":
+      extra["curvature_fn"] = xsam_optax.finite_difference_fn(grad_fn, grads)
     updates, opt_state = tx.update(
         grads, state.opt_state, state.params, grad_fn=grad_fn, **extra)
     params = optax.apply_updates(state.params, updates)

@@ -29,8 +29,9 @@ EXTRA_OPTIMIZERS = ("eigensam",)
 # What the eigenvector refreshes multiply by: the Hessian of the training
 # loss (the transforms' default), or the Gauss-Newton matrix of the logits
 # (positive semi-definite; the Hessian's curvature for a loss convex in the
-# outputs, such as cross-entropy, without the second-order network terms).
-CURVATURES = ("hessian", "gauss-newton")
+# outputs, such as cross-entropy, without the second-order network terms), or
+# one-gradient finite differences of the gradient (guarded against ReLU kinks).
+CURVATURES = ("hessian", "gauss-newton", "finite-difference")
 
 # What reaches the base optimizer, stated in the metrics config of each run.
 GRADIENT_GIVEN = {
@@ -88,7 +89,10 @@ def make_optimizer(
   ``curvature="gauss-newton"`` makes the refreshes of X-SAM and Eigen-SAM
   multiply by the Gauss-Newton matrix of the logits instead of the Hessian:
   cheaper per product, positive semi-definite, and for a loss convex in the
-  outputs the Hessian without its second-order network terms.
+  outputs the Hessian without its second-order network terms;
+  ``"finite-difference"`` by one-gradient differences of the gradient
+  (:func:`xsam_optax.finite_difference_fn`, from the step's own gradient),
+  the cheapest product.
   ``sam_groups > 1`` perturbs each of that many equal groups of the
   mini-batch along its own gradient (m-sharpness, SAM as pods run it per
   device; see :func:`xsam_optax.grouped_grad_fn`). The returned
