@@ -88,8 +88,10 @@ def group_sam_points(grad_fn: _groups.GroupedGradFn, params: _tree.PyTree,
                      point_of: Callable[[_tree.PyTree], _tree.PyTree]) -> _tree.PyTree:
   """Each group's SAM point, stacked: ``point_of(g_i)`` for its gradient ``g_i``.
 
-  ``point_of`` maps one gradient (a tree like ``params``) to its point; it
-  is mapped over the groups, so each group's norm and direction are its own.
+  ``point_of`` maps one gradient (a tree like ``params``) to its point, or
+  to a tuple of its point and per-group extras (Eigen-SAM's cosine), stacked
+  alike; it is mapped over the groups, so each group's norm and direction
+  are its own.
   """
   stacked = grad_fn.per_group(params)
   _tree.check_same_structure(params, _one_group(stacked), what="grad_fn.per_group")
